@@ -1,0 +1,51 @@
+"""The error hierarchy of handoffd, and the only place exit codes are defined.
+
+Every error carries the thing at fault (a path, a field, a listener, a pid) in its message and,
+where there is one, the fix. Only ``_cli.py`` turns these into exit codes and text.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Exit codes of the ``handoffd`` command (documented in the README).
+EXIT_OK: Final = 0
+EXIT_UPGRADE_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+
+
+class HandoffError(Exception):
+    """Base class of every error handoffd raises on purpose."""
+
+    exit_code: int = EXIT_UPGRADE_FAILED
+
+
+class ConfigError(HandoffError):
+    """The config file cannot be read or does not validate."""
+
+    exit_code = EXIT_USAGE
+
+
+class ListenerError(HandoffError):
+    """A listener cannot be bound, inherited or matched."""
+
+    exit_code = EXIT_USAGE
+
+
+class SpawnError(HandoffError):
+    """A worker process could not be started, or died before it was ready."""
+
+
+class ProtocolError(HandoffError):
+    """A peer sent something that does not follow a handoffd or systemd wire protocol."""
+
+
+class UpgradeError(HandoffError):
+    """An upgrade failed; the previous generation keeps serving."""
+
+
+class DaemonUnreachableError(HandoffError):
+    """The CLI cannot reach a running handoffd over its control socket."""
+
+    exit_code = EXIT_UNREACHABLE

@@ -1,0 +1,187 @@
+"""The sd_notify protocol: a client that sends, and the per-worker receiver that parses.
+
+Design notes:
+- Workers speak the protocol of sd_notify(3) to a datagram socket named by ``NOTIFY_SOCKET``:
+  newline-separated ``KEY=VALUE`` assignments, optionally with fds attached (``FDSTORE=1``).
+  A path starting with ``@`` is in the abstract namespace.
+- The supervisor gives every worker its own socket, so a message is attributed to the worker by the
+  socket it arrives on, not by the sender's pid. That is what makes ``systemd-notify --ready`` run
+  from a worker's shell count even though its pid is not the worker's, and it is race-free.
+- The same client is used by handoffd to talk to systemd and by the worker library.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, final
+
+import structlog
+import trio
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger()
+
+# A notify datagram is small; systemd itself reads at most PIPE_BUF-ish lines. 64 KiB is far more
+# than any sane message and bounds what a misbehaving worker can make us buffer.
+NOTIFY_MAX_DATAGRAM: Final = 65536
+# unix(7): at most SCM_MAX_FD (253) fds travel in one message.
+SCM_MAX_FD: Final = 253
+
+
+def notify_address(value: str) -> str | bytes:
+    """Turn a ``NOTIFY_SOCKET`` value into a ``sendto`` address (``@name`` is abstract)."""
+    if value.startswith("@"):
+        return b"\0" + os.fsencode(value[1:])
+    return value
+
+
+def notify(
+    message: str,
+    fds: Sequence[int] = (),
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> bool:
+    """Send one sd_notify datagram to ``$NOTIFY_SOCKET``.
+
+    Returns False, sending nothing, when ``NOTIFY_SOCKET`` is unset: that is a process not run
+    under systemd or handoffd, for which readiness is meaningless. Raises ``OSError`` when the
+    socket is set but the message cannot be delivered.
+
+    Example::
+
+        notify("READY=1\\nSTATUS=serving on 8080")
+    """
+    env = os.environ if environ is None else environ
+    target = env.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        ancillary = []
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        sock.sendmsg([message.encode()], ancillary, 0, notify_address(target))
+    return True
+
+
+@final
+@dataclass(frozen=True)
+class NotifyMessage:
+    """One parsed notify datagram; ``fds`` are owned by whoever holds the message."""
+
+    fields: Mapping[str, str]
+    fds: tuple[int, ...] = ()
+    sender_pid: int | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.fields.get("READY") == "1"
+
+    @property
+    def status(self) -> str | None:
+        return self.fields.get("STATUS")
+
+    @property
+    def stopping(self) -> bool:
+        return self.fields.get("STOPPING") == "1"
+
+    @property
+    def reloading(self) -> bool:
+        return self.fields.get("RELOADING") == "1"
+
+    @property
+    def watchdog(self) -> bool:
+        return self.fields.get("WATCHDOG") == "1"
+
+    @property
+    def fdstore(self) -> bool:
+        return self.fields.get("FDSTORE") == "1"
+
+    @property
+    def fdstore_remove(self) -> bool:
+        return self.fields.get("FDSTOREREMOVE") == "1"
+
+    @property
+    def fdname(self) -> str:
+        # sd_pid_notify_with_fds(3): without FDNAME= the name is "stored".
+        return self.fields.get("FDNAME", "stored")
+
+
+def parse_notify(data: bytes, fds: Sequence[int] = (), sender_pid: int | None = None) -> NotifyMessage:
+    """Parse a datagram into a ``NotifyMessage``; lines without ``=`` are ignored as systemd does."""
+    parsed: dict[str, str] = {}
+    for line in data.decode("utf-8", "replace").split("\n"):
+        key, sep, value = line.partition("=")
+        if sep and key:
+            parsed[key] = value
+    return NotifyMessage(fields=parsed, fds=tuple(fds), sender_pid=sender_pid)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close fds we received but will not keep; never raises for an fd already gone."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@final
+@dataclass
+class NotifyReceiver:
+    """The supervisor's end of one worker's ``NOTIFY_SOCKET``.
+
+    Owns the bound socket and its path. ``receive`` yields parsed messages; fds attached to a
+    message belong to the caller.
+    """
+
+    path: str
+    sock: trio.socket.SocketType = field(repr=False)
+
+    @classmethod
+    def bind(cls, path: str) -> NotifyReceiver:
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            raw.bind(path)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        except BaseException:
+            raw.close()
+            raise
+        return cls(path=path, sock=trio.socket.from_stdlib_socket(raw))
+
+    async def receive(self) -> NotifyMessage:
+        """Wait for the next datagram and parse it."""
+        fd_space = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+        cred_space = socket.CMSG_SPACE(12)  # struct ucred: pid, uid, gid
+        while True:
+            data, ancdata, flags, _ = await self.sock.recvmsg(
+                NOTIFY_MAX_DATAGRAM, fd_space + cred_space, socket.MSG_CMSG_CLOEXEC
+            )
+            fds: list[int] = []
+            pid: int | None = None
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    arr = array.array("i")
+                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                    fds.extend(arr)
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = int.from_bytes(payload[0:4], "little", signed=True)
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                close_fds(fds)
+                log.warning("notify.truncated", path=self.path, sender_pid=pid)
+                continue
+            return parse_notify(data, fds, pid)
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

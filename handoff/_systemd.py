@@ -1,0 +1,127 @@
+"""systemd's side of handoffd: LISTEN_FDS in, notify messages and the fd store out.
+
+Pure functions take ``environ`` so tests never touch ``os.environ`` (see sd_listen_fds(3),
+sd_notify(3)).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, final
+
+import structlog
+
+from ._notify import notify
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger()
+
+# sd_listen_fds(3): passed fds start at 3 (SD_LISTEN_FDS_START).
+SD_LISTEN_FDS_START: Final = 3
+
+#: Variables systemd sets for handoffd itself that must never reach a worker: a worker that saw
+#: NOTIFY_SOCKET could make systemd think the whole unit stops (STOPPING=1) or is ready too early.
+SYSTEMD_PRIVATE_VARS: Final = (
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "LISTEN_PID",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
+
+
+@final
+@dataclass(frozen=True)
+class InheritedFd:
+    """One fd passed by a service manager, with its name (``unknown`` if none was given)."""
+
+    fd: int
+    name: str
+
+
+def parse_listen_fds(environ: Mapping[str, str], pid: int) -> list[InheritedFd] | None:
+    """Read ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID`` the way sd_listen_fds(3) does.
+
+    Returns None when the variables are absent or meant for another process (``LISTEN_PID`` is
+    not ``pid``), and the fds with names otherwise. Names beyond ``LISTEN_FDNAMES`` are
+    ``unknown``, as in libsystemd.
+
+    Raises:
+        ValueError: when the variables are present for this pid but malformed.
+    """
+    if "LISTEN_FDS" not in environ:
+        return None
+    listen_pid = environ.get("LISTEN_PID")
+    if listen_pid is not None:
+        try:
+            if int(listen_pid) != pid:
+                return None
+        except ValueError:
+            raise ValueError(f"LISTEN_PID={listen_pid!r} is not a process id") from None
+    try:
+        count = int(environ["LISTEN_FDS"])
+    except ValueError:
+        raise ValueError(f"LISTEN_FDS={environ['LISTEN_FDS']!r} is not a number") from None
+    if count < 0:
+        raise ValueError(f"LISTEN_FDS={count} is negative")
+    names_value = environ.get("LISTEN_FDNAMES")
+    names = names_value.split(":") if names_value else []
+    return [
+        InheritedFd(fd=SD_LISTEN_FDS_START + i, name=names[i] if i < len(names) and names[i] else "unknown")
+        for i in range(count)
+    ]
+
+
+@final
+class SystemdNotifier:
+    """handoffd's messages to its own service manager; every method is a no-op without one.
+
+    The environment is captured once at start, because handoffd removes ``NOTIFY_SOCKET`` from
+    what its workers see.
+    """
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = {k: environ[k] for k in ("NOTIFY_SOCKET",) if k in environ}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._environ.get("NOTIFY_SOCKET"))
+
+    def send(self, message: str, fds: tuple[int, ...] = ()) -> None:
+        """Send, logging (never raising) when systemd's socket is gone: serving matters more."""
+        if not self.enabled:
+            return
+        try:
+            notify(message, fds, environ=self._environ)
+        except OSError as exc:
+            log.warning("systemd.notify_failed", message=message.split("\n")[0], error=str(exc))
+
+    def ready(self, status: str) -> None:
+        self.send(f"READY=1\nSTATUS={status}")
+
+    def reloading(self, monotonic_usec: int) -> None:
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={monotonic_usec}")
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+    def stopping(self, status: str) -> None:
+        self.send(f"STOPPING=1\nSTATUS={status}")
+
+    def store_fd(self, name: str, fd: int) -> None:
+        self.send(f"FDSTORE=1\nFDNAME={name}", (fd,))
+
+    def remove_fd(self, name: str) -> None:
+        self.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+
+
+def clean_worker_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """A copy of ``environ`` without what systemd meant for handoffd (see SYSTEMD_PRIVATE_VARS)."""
+    return {k: v for k, v in environ.items() if k not in SYSTEMD_PRIVATE_VARS}
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, for ``RELOADING=1``'s ``MONOTONIC_USEC=``."""
+    return int(os.clock_gettime(os.CLOCK_MONOTONIC) * 1_000_000)
