@@ -1,0 +1,116 @@
+"""Smoke tests of the real-manager harness: a Type=notify unit that uses ``handoff.ready()``.
+
+These need no supervisor, only ``tests/systemd_harness.sh``; they prove that the harness brings a
+manager up, that the worker library's notify client is what systemd 252 accepts as readiness, and
+that teardown leaves nothing behind. They skip where the harness cannot run (see
+``tests/systemd_user.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.systemd_user import SystemdUser, cgroup2_root, unavailable_reason
+from tests.systemd_user import systemd_user as systemd_user
+
+pytestmark = pytest.mark.systemd
+
+# The service blocks on a FIFO until the test writes to it, so the test decides when READY=1 is
+# sent and can observe the unit before it (no timing assumption).
+READY_WORKER = """\
+import os, sys, handoff
+gate, state = sys.argv[1], sys.argv[2]
+with open(gate) as f:
+    f.read()
+with open(state + ".tmp", "w") as f:
+    f.write(str(os.getpid()))
+os.rename(state + ".tmp", state)
+assert handoff.ready(status=f"serving from pid {os.getpid()}")
+import signal
+signal.sigwait({signal.SIGTERM})
+"""
+
+
+def _write_worker(manager: SystemdUser) -> Path:
+    script = manager.state / "ready_worker.py"
+    script.write_text(READY_WORKER)
+    script.chmod(0o644)
+    return script
+
+
+def test_notify_unit_is_activating_until_handoff_ready_then_active_with_status(
+    systemd_user: SystemdUser,
+) -> None:
+    python = systemd_user.require_python()
+    script = _write_worker(systemd_user)
+    gate = systemd_user.state / "gate"
+    pid_file = systemd_user.state / "worker.pid"
+    os.mkfifo(gate, 0o666)
+    os.chmod(gate, 0o666)  # mkfifo's mode is masked by the umask
+    systemd_user.write_unit(
+        "demo.service",
+        f"""\
+        [Service]
+        Type=notify
+        Environment=PYTHONPATH={systemd_user.pythonpath}
+        ExecStart={python} {script} {gate} {pid_file}
+        """,
+    )
+
+    systemd_user.ctl("start", "--no-block", "demo.service")
+    systemd_user.wait_prop("demo.service", "SubState", "start")
+    # The worker cannot have sent READY=1: it is still blocked on the gate.
+    before = systemd_user.props("demo.service", "ActiveState", "StatusText")
+    assert before == {"ActiveState": "activating", "StatusText": ""}
+
+    with open(gate, "w") as f:
+        f.write("go")
+    systemd_user.wait_prop("demo.service", "ActiveState", "active")
+
+    after = systemd_user.props("demo.service", "SubState", "MainPID", "StatusText", "Type")
+    worker_pid = pid_file.read_text()
+    assert after == {
+        "SubState": "running",
+        "MainPID": worker_pid,
+        "StatusText": f"serving from pid {worker_pid}",
+        "Type": "notify",
+    }
+
+    systemd_user.ctl("stop", "demo.service")
+    assert systemd_user.prop("demo.service", "ActiveState") == "inactive"
+    assert systemd_user.prop("demo.service", "Result") == "success"
+    assert not Path(f"/proc/{worker_pid}").exists()
+
+
+def test_harness_down_kills_services_and_removes_its_cgroup_and_files() -> None:
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"systemd --user harness unavailable: {reason}")
+    name = f"pytest-down-{uuid.uuid4().hex[:8]}"
+    manager = SystemdUser(name)
+    try:
+        # A service that ignores SIGTERM: down must still get rid of it (cgroup.kill).
+        manager.write_unit(
+            "stubborn.service",
+            """\
+            [Service]
+            ExecStart=/bin/sh -c 'trap "" TERM; while :; do sleep 1; done'
+            """,
+        )
+        manager.ctl("start", "stubborn.service")
+        main_pid = manager.prop("stubborn.service", "MainPID")
+        assert Path(f"/proc/{main_pid}").exists()
+        cgroup_lines = Path(f"/proc/{main_pid}/cgroup").read_text().splitlines()
+        assert any(line.endswith("/stubborn.service") for line in cgroup_lines)
+        base = manager.base
+    finally:
+        manager.down(grace=1)
+
+    status = Path(f"/proc/{main_pid}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text()
+    assert not base.exists()
+    assert not (cgroup2_root() / f"sdh-{name}").exists()
