@@ -318,15 +318,15 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     )
 
 
-def resolve_runtime_dir(config: Config, environ: Mapping[str, str]) -> Path:
+def resolve_runtime_dir(supervisor: SupervisorConfig, environ: Mapping[str, str]) -> Path:
     """Where the control socket and notify sockets live.
 
     The config's ``runtime_dir`` wins; then systemd's ``RUNTIME_DIRECTORY`` (RuntimeDirectory=);
     then ``/run/handoffd`` for root and ``$XDG_RUNTIME_DIR/handoffd`` (or ``/tmp/handoffd-UID``) for
     other users.
     """
-    if config.supervisor.runtime_dir is not None:
-        return config.supervisor.runtime_dir
+    if supervisor.runtime_dir is not None:
+        return supervisor.runtime_dir
     if environ.get("RUNTIME_DIRECTORY"):
         return Path(environ["RUNTIME_DIRECTORY"].split(":")[0])
     if os.getuid() == 0:
@@ -336,8 +336,30 @@ def resolve_runtime_dir(config: Config, environ: Mapping[str, str]) -> Path:
     return Path(f"/tmp/handoffd-{os.getuid()}")
 
 
-def control_socket_path(config: Config, environ: Mapping[str, str]) -> Path:
+def control_socket_path(supervisor: SupervisorConfig, environ: Mapping[str, str]) -> Path:
     """The control socket: ``supervisor.control_socket`` or ``RUNTIME_DIR/control.sock``."""
-    if config.supervisor.control_socket is not None:
-        return config.supervisor.control_socket
-    return resolve_runtime_dir(config, environ) / "control.sock"
+    if supervisor.control_socket is not None:
+        return supervisor.control_socket
+    return resolve_runtime_dir(supervisor, environ) / "control.sock"
+
+
+def find_control_socket(path: Path, environ: Mapping[str, str]) -> Path:
+    """The control socket named by the config at ``path``, read leniently.
+
+    Only ``supervisor.runtime_dir`` and ``supervisor.control_socket`` are looked at, so that a
+    config the operator just broke still lets ``handoffd upgrade`` reach the running daemon,
+    which then reports the config error as the reason the upgrade failed.
+    """
+    path = path.absolute()
+    wanted: dict[str, Path] = {}
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raw = {}
+    section = raw.get("supervisor")
+    if isinstance(section, dict):
+        for key in ("runtime_dir", "control_socket"):
+            value = section.get(key)
+            if isinstance(value, str):
+                wanted[key] = path.parent / value
+    return control_socket_path(SupervisorConfig(**wanted), environ)

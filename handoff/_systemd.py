@@ -6,7 +6,7 @@ sd_notify(3)).
 
 from __future__ import annotations
 
-import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, final
@@ -124,4 +124,4 @@ def clean_worker_environ(environ: Mapping[str, str]) -> dict[str, str]:
 
 def monotonic_usec() -> int:
     """CLOCK_MONOTONIC in microseconds, for ``RELOADING=1``'s ``MONOTONIC_USEC=``."""
-    return int(os.clock_gettime(os.CLOCK_MONOTONIC) * 1_000_000)
+    return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1_000_000)

@@ -1,0 +1,337 @@
+"""The control socket: newline-delimited JSON requests and replies, server and client.
+
+Design notes:
+- A Unix stream socket, mode 0600, whose peers are checked with SO_PEERCRED against root, our
+  own uid and ``supervisor.allowed_uids``. The socket is bound under a temporary name and renamed
+  into place, so a client never sees a half-set-up socket and a successor supervisor can take
+  the path over atomically.
+- One request per line, at most ``MAX_LINE`` bytes. A malformed, unknown or oversized request
+  gets ``{"ok": false, "error": {...}}`` and the daemon carries on; an oversized line also ends
+  that connection, since the rest of it cannot be framed.
+- ``upgrade`` streams ``{"event": ...}`` lines while it runs and ends with the reply, so
+  ``handoffd upgrade`` (and ``systemctl reload`` through it) returns only when the outcome is known.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Final, Literal, Protocol
+
+import structlog
+import trio
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from ._errors import DaemonUnreachableError, ProtocolError
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger()
+
+PROTOCOL_VERSION: Final = 1
+# Requests are tiny; a line longer than this is a client bug or an attack, not a request.
+MAX_LINE: Final = 64 * 1024
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StatusRequest(_Wire):
+    v: Literal[1] = 1
+    op: Literal["status"] = "status"
+
+
+class UpgradeRequest(_Wire):
+    v: Literal[1] = 1
+    op: Literal["upgrade"] = "upgrade"
+    supervisor: bool = False  # True: replace handoffd itself (``upgrade --self``)
+    exec_path: str | None = None
+
+
+class StopRequest(_Wire):
+    v: Literal[1] = 1
+    op: Literal["stop"] = "stop"
+
+
+Request = Annotated[StatusRequest | UpgradeRequest | StopRequest, Field(discriminator="op")]
+_request_adapter: TypeAdapter[StatusRequest | UpgradeRequest | StopRequest] = TypeAdapter(Request)
+
+
+class WorkerInfo(_Wire):
+    generation: int
+    index: int
+    pid: int | None
+    state: str
+    status: str | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+
+
+class ListenerInfo(_Wire):
+    name: str
+    address: str
+    fd: int
+    origin: str
+
+
+class UpgradePhase(_Wire):
+    phase: str
+    elapsed_s: float
+    detail: str | None = None
+
+
+class UpgradeReply(_Wire):
+    ok: bool
+    op: Literal["upgrade"] = "upgrade"
+    outcome: Literal["ok", "failed"]
+    reason: str | None = None
+    generation: int
+    previous_generation: int | None = None
+    duration_s: float
+    phases: list[UpgradePhase] = Field(default_factory=list)
+    supervisor_pid: int | None = None
+
+
+class UpgradeEvent(_Wire):
+    event: Literal["phase"] = "phase"
+    phase: str
+    elapsed_s: float
+    detail: str | None = None
+
+
+class StatusInfo(_Wire):
+    ok: bool = True
+    op: Literal["status"] = "status"
+    pid: int
+    version: str
+    config: str
+    state: str
+    generation: int
+    workers: list[WorkerInfo]
+    listeners: list[ListenerInfo]
+    parked: list[str] = Field(default_factory=list)
+    draining_generations: list[int] = Field(default_factory=list)
+    last_upgrade: UpgradeReply | None = None
+
+
+class StopReply(_Wire):
+    ok: bool = True
+    op: Literal["stop"] = "stop"
+
+
+class ErrorDetail(_Wire):
+    code: str
+    message: str
+
+
+class ErrorReply(_Wire):
+    ok: Literal[False] = False
+    error: ErrorDetail
+
+
+def error_line(code: str, message: str) -> bytes:
+    return ErrorReply(error=ErrorDetail(code=code, message=message)).model_dump_json().encode() + b"\n"
+
+
+class ControlHandler(Protocol):
+    """What the supervisor offers to the control socket."""
+
+    def status(self) -> StatusInfo: ...
+
+    async def upgrade(
+        self, request: UpgradeRequest, on_event: Callable[[UpgradeEvent], Awaitable[None]]
+    ) -> UpgradeReply: ...
+
+    def stop(self) -> None: ...
+
+
+def bind_control_socket(path: Path) -> socket.socket:
+    """Bind the control socket at ``path`` atomically (bind a temp name, chmod 0600, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        sock.bind(str(temp))
+        os.chmod(temp, 0o600)
+        sock.listen(64)
+        os.rename(temp, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_uid(sock: trio.socket.SocketType) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+async def serve_control(
+    listener: socket.socket,
+    handler: ControlHandler,
+    allowed_uids: frozenset[int],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept control connections until cancelled; each connection runs in its own task."""
+    sock = trio.socket.from_stdlib_socket(listener)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            conn, _ = await sock.accept()
+            nursery.start_soon(_serve_connection, conn, handler, allowed_uids)
+
+
+async def _serve_connection(
+    conn: trio.socket.SocketType, handler: ControlHandler, allowed_uids: frozenset[int]
+) -> None:
+    stream = trio.SocketStream(conn)
+    async with stream:
+        uid = peer_uid(conn)
+        if uid not in allowed_uids:
+            log.warning("control.refused", uid=uid)
+            await stream.send_all(
+                error_line("forbidden", f"uid {uid} may not control this handoffd; add it to "
+                           "supervisor.allowed_uids")
+            )
+            return
+        buffer = b""
+        while True:
+            newline = buffer.find(b"\n")
+            if newline < 0:
+                if len(buffer) > MAX_LINE:
+                    await stream.send_all(
+                        error_line("too_long", f"request line is longer than {MAX_LINE} bytes")
+                    )
+                    return
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                continue
+            line, buffer = buffer[:newline], buffer[newline + 1 :]
+            if len(line) > MAX_LINE:
+                await stream.send_all(error_line("too_long", f"request line is longer than {MAX_LINE} bytes"))
+                return
+            if not line.strip():
+                continue
+            try:
+                await _dispatch(line, stream, handler)
+            except trio.BrokenResourceError:
+                return
+
+
+async def _dispatch(line: bytes, stream: trio.SocketStream, handler: ControlHandler) -> None:
+    try:
+        raw = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        await stream.send_all(error_line("bad_json", f"request is not JSON: {exc}"))
+        return
+    if isinstance(raw, dict) and raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        await stream.send_all(
+            error_line("bad_version", f"protocol version {raw.get('v')!r} is not supported; this "
+                       f"handoffd speaks v{PROTOCOL_VERSION}")
+        )
+        return
+    try:
+        request = _request_adapter.validate_python(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'request'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        await stream.send_all(error_line("bad_request", f"invalid request: {problems}"))
+        return
+    if isinstance(request, StatusRequest):
+        await stream.send_all(handler.status().model_dump_json().encode() + b"\n")
+    elif isinstance(request, StopRequest):
+        await stream.send_all(StopReply().model_dump_json().encode() + b"\n")
+        handler.stop()
+        # Hold the connection until the daemon's shutdown cancels us: its closing is how
+        # `handoffd stop` learns that the daemon is gone.
+        await trio.sleep_forever()
+    else:
+
+        async def send_event(event: UpgradeEvent) -> None:
+            try:
+                await stream.send_all(event.model_dump_json().encode() + b"\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client left; the upgrade goes on and is logged
+
+        reply = await handler.upgrade(request, send_event)
+        await stream.send_all(reply.model_dump_json().encode() + b"\n")
+
+
+# ---- client (blocking: the CLI has no event loop of its own) ----
+
+
+def call(
+    path: Path,
+    request: StatusRequest | UpgradeRequest | StopRequest,
+    *,
+    on_event: Callable[[dict[str, object]], None] | None = None,
+    timeout: float | None = None,
+    wait_closed: bool = False,
+) -> dict[str, object]:
+    """Send one request and return the final reply as a dict.
+
+    With ``wait_closed`` (for ``stop``), also wait until the daemon closes the connection,
+    which it does only as it exits.
+
+    Raises:
+        DaemonUnreachableError: nothing answers at ``path``.
+        ProtocolError: the daemon answered something that is not a reply.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            raise DaemonUnreachableError(
+                f"no handoffd is listening on {path} ({exc.strerror}); is it running with this "
+                "config? Start it with `handoffd run --config PATH`"
+            ) from exc
+        except PermissionError as exc:
+            raise DaemonUnreachableError(
+                f"cannot connect to {path}: permission denied; run as the user handoffd runs as "
+                "(or root)"
+            ) from exc
+        sock.sendall(request.model_dump_json().encode() + b"\n")
+        reader = sock.makefile("rb")
+        while True:
+            line = reader.readline(MAX_LINE * 16)
+            if not line:
+                raise DaemonUnreachableError(
+                    f"handoffd at {path} closed the connection before replying (did it stop?)"
+                )
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProtocolError(f"handoffd at {path} sent a line that is not JSON: {line[:200]!r}") from exc
+            if not isinstance(message, dict):
+                raise ProtocolError(f"handoffd at {path} sent {message!r}, not an object")
+            if "event" in message:
+                if on_event is not None:
+                    on_event(message)
+                continue
+            if wait_closed:
+                sock.settimeout(None)
+                while reader.read(65536):
+                    pass
+            return message
+    except TimeoutError as exc:
+        raise DaemonUnreachableError(f"handoffd at {path} did not answer within {timeout}s") from exc
+    finally:
+        sock.close()

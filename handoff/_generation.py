@@ -1,0 +1,374 @@
+"""One generation: ``processes`` workers of the same command, started, watched and drained together.
+
+Design notes:
+- ``run_generation`` is started with ``nursery.start``: it calls ``task_status.started(gen)`` only
+  once every worker said ``READY=1`` (or survived ``delay:N``). Before that, any worker exit, a
+  spawn error or ``ready_timeout`` makes it kill every worker it started and raise
+  ``SpawnError`` with the reason, so an upgrade can keep the old generation and report why.
+- After it is ready, a worker that dies is restarted with exponential backoff (reset once a
+  worker stayed up longer than the maximum backoff). Its replacement gets the same fd set.
+- ``request_drain()`` (sync, so it is atomic) makes the task send ``stop_signal`` to every
+  worker, wait up to ``drain_timeout`` for them to exit, then SIGKILL what is left. The task
+  returns when no worker of the generation remains.
+- Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
+  one for each restart, so a late datagram from a dead worker can never mark its successor ready.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, final
+
+import structlog
+import trio
+from structlog.contextvars import bound_contextvars
+
+from ._config import ProgramConfig
+from ._errors import SpawnError
+from ._notify import NotifyMessage, NotifyReceiver, close_fds
+from ._spawn import WorkerProcess, describe_exit, spawn_worker
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger()
+
+WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
+
+# How long a killed worker may take to be reaped before we give up waiting (it cannot ignore
+# SIGKILL; this only bounds a process stuck in uninterruptible sleep).
+_REAP_TIMEOUT = 5.0
+_spawn_sequence = itertools.count(1)
+
+
+@final
+class ParkedFds:
+    """Fds that workers parked (``FDSTORE=1`` + ``FDNAME=``) for the next generation.
+
+    Owned by the supervisor and kept across upgrades until a worker unparks them
+    (``FDSTOREREMOVE=1``). Every worker started later receives them after the listeners.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, int]] = []
+
+    def park(self, name: str, fd: int) -> None:
+        self._items.append((name, fd))
+        log.info("fd.parked", fdname=name, fd=fd, parked=len(self._items))
+
+    def unpark(self, name: str) -> None:
+        gone = [fd for n, fd in self._items if n == name]
+        self._items = [(n, fd) for n, fd in self._items if n != name]
+        close_fds(gone)
+        log.info("fd.unparked", fdname=name, closed=len(gone))
+
+    def items(self) -> tuple[tuple[str, int], ...]:
+        return tuple(self._items)
+
+    def close_all(self) -> None:
+        close_fds([fd for _, fd in self._items])
+        self._items = []
+
+
+@final
+@dataclass(frozen=True)
+class GenerationSpec:
+    """Everything needed to start the workers of generation ``number``."""
+
+    number: int
+    program: ProgramConfig
+    listeners: tuple[tuple[str, int], ...]
+    environ: Mapping[str, str]
+    notify_dir: Path
+    backoff_initial: float
+    backoff_max: float
+    compat_environ: Mapping[str, str] = field(default_factory=dict)
+
+
+@final
+@dataclass(eq=False)
+class WorkerSlot:
+    """One worker position of a generation; the process in it changes on restarts."""
+
+    index: int
+    state: WorkerState = "starting"
+    process: WorkerProcess | None = None
+    status: str | None = None
+    restarts: int = 0
+    last_exit: str | None = None
+    ever_ready: bool = False
+    exited: trio.Event = field(default_factory=trio.Event)
+
+
+@final
+class Generation:
+    """A running generation, as the supervisor and ``handoffd status`` see it."""
+
+    def __init__(self, spec: GenerationSpec, parked: ParkedFds) -> None:
+        self.spec = spec
+        self.number = spec.number
+        self.parked = parked
+        self.slots = [WorkerSlot(index=i) for i in range(spec.program.processes)]
+        self.ready = trio.Event()
+        self.stopped = trio.Event()
+        self.draining = False
+        self.failure: str | None = None
+        self._settled = trio.Event()
+        self._drain_requested = trio.Event()
+
+    def request_drain(self) -> None:
+        """Ask the generation to stop (stop_signal, drain_timeout, then SIGKILL)."""
+        self.draining = True
+        self._drain_requested.set()
+
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self.slots if s.process is not None and s.process.returncode is None]
+
+    def _mark_ready(self, slot: WorkerSlot) -> None:
+        if self.draining:
+            return
+        slot.state = "ready"
+        slot.ever_ready = True
+        if all(s.ever_ready for s in self.slots):
+            self.ready.set()
+            self._settled.set()
+
+    def _fail(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+        self._settled.set()
+
+
+async def run_generation(
+    spec: GenerationSpec,
+    parked: ParkedFds,
+    *,
+    task_status: trio.TaskStatus[Generation] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start, supervise and finally drain one generation (see the module docstring).
+
+    Raises:
+        SpawnError: before readiness, with the reason the generation could not become ready.
+    """
+    gen = Generation(spec, parked)
+    failure: str | None = None
+    with bound_contextvars(generation=spec.number):
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in gen.slots:
+                    nursery.start_soon(_run_slot, gen, slot)
+                with trio.move_on_after(spec.program.ready_timeout) as timer:
+                    await gen._settled.wait()
+                if timer.cancelled_caught:
+                    gen._fail(_not_ready_reason(gen))
+                if gen.failure is not None:
+                    failure = gen.failure
+                    gen.draining = True
+                    nursery.cancel_scope.cancel()
+                else:
+                    log.info("generation.ready", pids=gen.pids())
+                    task_status.started(gen)
+                    await gen._drain_requested.wait()
+                    await _drain(gen)
+                    nursery.cancel_scope.cancel()
+        finally:
+            gen.stopped.set()
+    if failure is not None:
+        raise SpawnError(failure)
+    log.info("generation.stopped")
+
+
+def _not_ready_reason(gen: Generation) -> str:
+    waiting = [
+        f"worker {s.index} (pid {s.process.pid if s.process else '-'}: {s.state})"
+        for s in gen.slots
+        if not s.ever_ready
+    ]
+    mode = gen.spec.program.ready
+    hint = (
+        "; the worker must send READY=1 to $NOTIFY_SOCKET (sd_notify), or set ready = \"delay:N\""
+        if mode == "notify"
+        else ""
+    )
+    return (
+        f"generation {gen.number} was not ready within program.ready_timeout = "
+        f"{gen.spec.program.ready_timeout:g}s: {', '.join(waiting)} never became ready{hint}"
+    )
+
+
+async def _drain(gen: Generation) -> None:
+    program = gen.spec.program
+    signum = program.stop_signum
+    live = [s for s in gen.slots if s.process is not None and s.process.returncode is None]
+    for slot in gen.slots:
+        slot.state = "draining" if slot in live else "exited"
+    for slot in live:
+        assert slot.process is not None
+        slot.process.send_signal(signum)
+    log.info("generation.draining", signal=signum.name, pids=[s.process.pid for s in live if s.process])
+    with trio.move_on_after(program.drain_timeout) as timer:
+        for slot in live:
+            await slot.exited.wait()
+    if timer.cancelled_caught:
+        stuck = [s.process.pid for s in live if s.process is not None and s.process.returncode is None]
+        log.warning(
+            "generation.drain_timed_out",
+            drain_timeout=program.drain_timeout,
+            killed=stuck,
+            hint="workers ignored the stop signal; they were killed with SIGKILL",
+        )
+
+
+async def _run_slot(gen: Generation, slot: WorkerSlot) -> None:
+    spec = gen.spec
+    backoff = spec.backoff_initial
+    with bound_contextvars(worker=slot.index):
+        while not gen.draining:
+            started_at = trio.current_time()
+            code = await _run_one_worker(gen, slot)
+            slot.last_exit = describe_exit(code) if code is not None else slot.last_exit
+            if gen.draining:
+                break
+            if not gen.ready.is_set():
+                gen._fail(f"worker {slot.index} {slot.last_exit} before it was ready")
+                break
+            slot.state = "backoff"
+            slot.restarts += 1
+            if trio.current_time() - started_at > spec.backoff_max:
+                backoff = spec.backoff_initial
+            log.warning("worker.crashed", reason=slot.last_exit, restart_in_s=backoff, restarts=slot.restarts)
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, spec.backoff_max)
+        slot.state = "exited"
+
+
+async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
+    """Spawn one process into ``slot`` and return its exit code (None if it never started)."""
+    spec = gen.spec
+    path = spec.notify_dir / f"{spec.number}.{slot.index}.{next(_spawn_sequence)}"
+    receiver = NotifyReceiver.bind(str(path))
+    slot.exited = trio.Event()
+    channel: socket.socket | None = None
+    try:
+        try:
+            proc, channel = _spawn(spec, gen.parked, slot, str(path))
+        except SpawnError as exc:
+            slot.last_exit = f"could not be started: {exc}"
+            slot.exited.set()
+            return None
+        slot.process = proc
+        slot.state = "starting"
+        log.info("worker.started", pid=proc.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump_notify, gen, slot, receiver)
+                if channel is not None:
+                    nursery.start_soon(_put_fds, spec, gen.parked, channel)
+                delay = spec.program.ready_delay
+                if delay is not None:
+                    nursery.start_soon(_ready_after, gen, slot, delay)
+                code = await proc.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if proc.returncode is None:
+                    proc.kill()
+                    with trio.move_on_after(_REAP_TIMEOUT):
+                        await proc.wait()
+                slot.exited.set()
+        log.info("worker.exited", pid=proc.pid, reason=describe_exit(code))
+        return code
+    finally:
+        receiver.close()
+        if channel is not None:
+            channel.close()
+
+
+def _spawn(
+    spec: GenerationSpec, parked: ParkedFds, slot: WorkerSlot, notify_path: str
+) -> tuple[WorkerProcess, socket.socket | None]:
+    program = spec.program
+    env = dict(spec.environ)
+    env.update(program.env)
+    env["NOTIFY_SOCKET"] = notify_path
+    env["HANDOFF_GENERATION"] = str(spec.number)
+    env["HANDOFF_WORKER"] = str(slot.index)
+    fdset = spec.listeners + parked.items()
+    if program.fd_delivery == "listen_fds":
+        env["LISTEN_FDS"] = str(len(fdset))
+        env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)
+        env["HANDOFF_LISTENERS"] = str(len(spec.listeners))
+        env.update(spec.compat_environ)
+        proc = spawn_worker(
+            program.command,
+            environ=env,
+            fds=[fd for _, fd in fdset],
+            set_listen_pid=True,
+            cwd=program.cwd,
+        )
+        return proc, None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        env["HANDOFF_FD"] = "3"
+        proc = spawn_worker(
+            program.command, environ=env, fds=[theirs.fileno()], set_listen_pid=False, cwd=program.cwd
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
+
+
+async def _put_fds(spec: GenerationSpec, parked: ParkedFds, channel: socket.socket) -> None:
+    from ._passing import put
+
+    sock = trio.socket.from_stdlib_socket(channel)
+    await put(
+        sock,
+        spec.listeners + parked.items(),
+        {"listeners": len(spec.listeners), "generation": spec.number},
+    )
+
+
+async def _ready_after(gen: Generation, slot: WorkerSlot, delay: float) -> None:
+    await trio.sleep(delay)
+    gen._mark_ready(slot)
+
+
+async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiver) -> None:
+    while True:
+        message = await receiver.receive()
+        _apply_notify(gen, slot, message)
+
+
+def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> None:
+    kept = False
+    if message.ready and gen.spec.program.ready_delay is None:
+        gen._mark_ready(slot)
+    if message.status is not None:
+        slot.status = message.status
+    if message.stopping and slot.state != "draining":
+        log.info("worker.stopping", pid=slot.process.pid if slot.process else None)
+    if message.fdstore_remove:
+        gen.parked.unpark(message.fdname)
+    if message.fdstore and message.fds:
+        for fd in message.fds:
+            gen.parked.park(message.fdname, fd)
+        kept = True
+    if message.fds and not kept:
+        close_fds(message.fds)
+
+
+def notify_dir_ok(path: Path) -> str | None:
+    """A reason the notify directory cannot hold worker sockets, or None when it can."""
+    longest = len(os.fsencode(str(path / "999999.9999.9999999")))
+    if longest > 107:
+        return (
+            f"{path} is too long for Unix socket paths (unix(7) allows 107 bytes); set "
+            "supervisor.runtime_dir to a shorter directory"
+        )
+    return None

@@ -1,0 +1,531 @@
+"""The supervisor: holds the listeners, runs generations, and serialises upgrades.
+
+The upgrade state machine (one upgrade at a time)::
+
+    idle -> load config -> reconcile listeners -> spawn N+1 -> wait ready (ready_timeout)
+         -> N+1 becomes current, N drains (stop_signal, drain_timeout, SIGKILL) -> idle
+    any failure before N+1 is ready -> N+1 killed, new listeners closed, N keeps serving,
+    the upgrade is reported failed with the reason.
+
+Requests that arrive while an upgrade runs coalesce into one follow-up: every caller waiting
+on it gets its outcome. SIGHUP and ``handoffd upgrade`` are the same request.
+
+Design notes:
+- Signal handlers are installed before READY=1 is sent anywhere: a SIGHUP that arrived between
+  READY and the handler would otherwise take its default action and kill the daemon.
+- The upgrade boundary is the one place that catches ``Exception``: whatever goes wrong while
+  starting N+1, N must keep serving and the caller must get an answer.
+- State changes are sync methods; only waiting is async.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import ExitStack
+from importlib import metadata
+from pathlib import Path
+from typing import Final, final
+
+import structlog
+import trio
+from structlog.contextvars import bound_contextvars
+
+from ._config import LoadedConfig, control_socket_path, load_config, resolve_runtime_dir
+from ._control import (
+    ControlHandler,
+    ListenerInfo,
+    StatusInfo,
+    UpgradeEvent,
+    UpgradePhase,
+    UpgradeReply,
+    UpgradeRequest,
+    WorkerInfo,
+    bind_control_socket,
+    serve_control,
+)
+from ._errors import HandoffError, ListenerError, SpawnError
+from ._generation import Generation, GenerationSpec, ParkedFds, notify_dir_ok, run_generation
+from ._listeners import Listener, adopt_inherited, bind_listener
+from ._systemd import SystemdNotifier, clean_worker_environ, monotonic_usec, parse_listen_fds
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger()
+
+# Extra time systemd should allow beyond our own timeouts (EXTEND_TIMEOUT_USEC=): reaping,
+# closing sockets and the round trip of the notify message itself.
+_SYSTEMD_SLACK_S: Final = 5.0
+# How long a stopping supervisor waits for killed workers to be reaped (they cannot ignore SIGKILL).
+_REAP_GRACE_S: Final = 5.0
+
+
+def _version() -> str:
+    try:
+        return metadata.version("handoffd")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@final
+class UpgradeTicket:
+    """One pending upgrade and everyone waiting for its outcome."""
+
+    def __init__(self, request: UpgradeRequest) -> None:
+        self.request = request
+        self.reply: UpgradeReply | None = None
+        self._subscribers: list[trio.MemorySendChannel[UpgradeEvent]] = []
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[UpgradeEvent]:
+        send, receive = trio.open_memory_channel[UpgradeEvent](math.inf)
+        if self.reply is not None:
+            send.close()
+        else:
+            self._subscribers.append(send)
+        return receive
+
+    def publish(self, event: UpgradeEvent) -> None:
+        for channel in self._subscribers:
+            try:
+                channel.send_nowait(event)
+            except trio.BrokenResourceError:
+                pass  # that caller left; the others still want the events
+
+    def finish(self, reply: UpgradeReply) -> None:
+        self.reply = reply
+        for channel in self._subscribers:
+            channel.close()
+        self._subscribers.clear()
+
+
+@final
+class Supervisor(ControlHandler):
+    """The running daemon's state; see the module docstring for the state machine."""
+
+    def __init__(self, loaded: LoadedConfig, environ: Mapping[str, str]) -> None:
+        self.loaded = loaded
+        self.environ = dict(environ)
+        self.systemd = SystemdNotifier(environ)
+        self.runtime_dir = resolve_runtime_dir(loaded.config.supervisor, environ)
+        self.notify_dir = self.runtime_dir / "notify"
+        self.listeners: dict[str, Listener] = {}
+        self.parked = ParkedFds()
+        self.current: Generation | None = None
+        self.draining: list[Generation] = []
+        self.next_generation = 1
+        self.state = "starting"
+        self.last_upgrade: UpgradeReply | None = None
+        self._pending: dict[bool, UpgradeTicket] = {}
+        self._upgrade_wanted = trio.Event()
+        self._stop_requested = trio.Event()
+        self._root: trio.Nursery | None = None
+
+    # ---- sync state changes ----
+
+    def stop(self) -> None:
+        """Begin a graceful stop: drain every generation, then exit."""
+        if not self._stop_requested.is_set():
+            log.info("supervisor.stopping")
+        self._stop_requested.set()
+
+    def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
+        """Queue an upgrade, joining the pending one of the same kind if there is one."""
+        ticket = self._pending.get(request.supervisor)
+        if ticket is None:
+            ticket = self._pending[request.supervisor] = UpgradeTicket(request)
+            self._upgrade_wanted.set()
+        else:
+            log.info("upgrade.coalesced", supervisor=request.supervisor)
+        return ticket
+
+    def status_text(self) -> str:
+        gen = self.current
+        if gen is None:
+            return "starting"
+        ready = sum(1 for s in gen.slots if s.state == "ready")
+        text = f"generation {gen.number}: {ready}/{len(gen.slots)} workers ready"
+        if self.draining:
+            text += f", draining {', '.join(str(g.number) for g in self.draining)}"
+        if self.last_upgrade is not None:
+            text += f"; last upgrade {self.last_upgrade.outcome}"
+        return text
+
+    def status(self) -> StatusInfo:
+        gens = ([self.current] if self.current else []) + self.draining
+        return StatusInfo(
+            pid=os.getpid(),
+            version=_version(),
+            config=str(self.loaded.path),
+            state=self.state,
+            generation=self.current.number if self.current else 0,
+            workers=[
+                WorkerInfo(
+                    generation=g.number,
+                    index=s.index,
+                    pid=s.process.pid if s.process is not None and s.process.returncode is None else None,
+                    state=s.state,
+                    status=s.status,
+                    restarts=s.restarts,
+                    last_exit=s.last_exit,
+                )
+                for g in gens
+                for s in g.slots
+            ],
+            listeners=[
+                ListenerInfo(name=li.name, address=li.bound_address(), fd=li.fd, origin=li.origin)
+                for li in self.listeners.values()
+            ],
+            parked=[name for name, _ in self.parked.items()],
+            draining_generations=[g.number for g in self.draining],
+            last_upgrade=self.last_upgrade,
+        )
+
+    # ---- async ----
+
+    async def upgrade(
+        self, request: UpgradeRequest, on_event: Callable[[UpgradeEvent], Awaitable[None]]
+    ) -> UpgradeReply:
+        ticket = self.request_upgrade(request)
+        async with ticket.subscribe() as events:
+            async for event in events:
+                await on_event(event)
+        assert ticket.reply is not None
+        return ticket.reply
+
+    def _spec(self, loaded: LoadedConfig, listeners: Mapping[str, Listener]) -> GenerationSpec:
+        config = loaded.config
+        ordered = [listeners[lc.name] for lc in config.listener]
+        compat: dict[str, str] = {}
+        if ordered:
+            compat["EINHORN_FDS"] = " ".join(str(3 + i) for i in range(len(ordered)))
+            compat["SERVER_STARTER_PORT"] = ";".join(
+                f"{_starter_address(li)}={3 + i}" for i, li in enumerate(ordered)
+            )
+        environ = clean_worker_environ(self.environ)
+        if sys.prefix != sys.base_prefix:
+            # Run from a virtualenv: let workers find its interpreter and scripts as if the
+            # venv were activated, so `command = ["python", ...]` means this venv's python.
+            bindir = str(Path(sys.executable).parent)
+            path = environ.get("PATH", os.defpath)
+            if bindir not in path.split(":"):
+                environ["PATH"] = f"{bindir}:{path}"
+        return GenerationSpec(
+            number=self.next_generation,
+            program=config.program,
+            listeners=tuple((li.name, li.fd) for li in ordered),
+            environ=environ,
+            notify_dir=self.notify_dir,
+            backoff_initial=config.supervisor.restart_backoff_initial,
+            backoff_max=config.supervisor.restart_backoff_max,
+            compat_environ=compat,
+        )
+
+    async def _start_generation(self, loaded: LoadedConfig, listeners: Mapping[str, Listener]) -> Generation:
+        assert self._root is not None
+        spec = self._spec(loaded, listeners)
+        self.next_generation += 1
+        self.systemd.send(f"EXTEND_TIMEOUT_USEC={int((spec.program.ready_timeout + _SYSTEMD_SLACK_S) * 1e6)}")
+        gen: Generation = await self._root.start(run_generation, spec, self.parked)
+        self._root.start_soon(self._forget_when_stopped, gen)
+        return gen
+
+    async def _forget_when_stopped(self, gen: Generation) -> None:
+        await gen.stopped.wait()
+        if gen in self.draining:
+            self.draining.remove(gen)
+            log.info("generation.drained", generation=gen.number)
+            self.systemd.status(self.status_text())
+
+    async def _run_upgrades(self) -> None:
+        while True:
+            await self._upgrade_wanted.wait()
+            self._upgrade_wanted = trio.Event()
+            for kind in (False, True):
+                ticket = self._pending.pop(kind, None)
+                if ticket is None:
+                    continue
+                try:
+                    reply = await self._upgrade_workers(ticket)
+                finally:
+                    if ticket.reply is None:
+                        ticket.finish(self._failed(ticket, "handoffd is stopping", 0.0, []))
+                ticket.finish(reply)
+
+    def _failed(self, ticket: UpgradeTicket, reason: str, started: float, phases: list[UpgradePhase]) -> UpgradeReply:
+        number = self.current.number if self.current else 0
+        return UpgradeReply(
+            ok=False, outcome="failed", reason=reason, generation=number, previous_generation=number,
+            duration_s=round(trio.current_time() - started, 4) if started else 0.0, phases=phases,
+        )
+
+    async def _upgrade_workers(self, ticket: UpgradeTicket) -> UpgradeReply:
+        """One worker upgrade; never raises for a failure of the new generation."""
+        if ticket.request.supervisor:
+            return self._failed(ticket, "self-upgrade is not supported by this handoffd yet", 0.0, [])
+        started = trio.current_time()
+        phases: list[UpgradePhase] = []
+        old = self.current
+
+        def phase(name: str, detail: str | None = None) -> None:
+            item = UpgradePhase(phase=name, elapsed_s=round(trio.current_time() - started, 4), detail=detail)
+            phases.append(item)
+            ticket.publish(UpgradeEvent(phase=name, elapsed_s=item.elapsed_s, detail=detail))
+
+        self.state = "upgrading"
+        self.systemd.reloading(monotonic_usec())
+        new_listeners: list[Listener] = []
+        with bound_contextvars(upgrade_generation=self.next_generation):
+            log.info("upgrade.started", from_generation=old.number if old else None)
+            try:
+                loaded = load_config(self.loaded.path)
+                phase("config_loaded", str(loaded.path))
+                listeners, new_listeners = self._reconcile_listeners(loaded)
+                phase("spawning", f"generation {self.next_generation}, {loaded.config.program.processes} workers")
+                gen = await self._start_generation(loaded, listeners)
+                phase("ready", f"generation {gen.number} pids {gen.pids()}")
+            except HandoffError as exc:
+                reason = str(exc)
+            except Exception as exc:  # the upgrade boundary: N keeps serving whatever happened
+                log.exception("upgrade.crashed")
+                reason = f"internal error: {exc!r}"
+            else:
+                reason = None
+            if reason is not None:
+                for li in new_listeners:
+                    li.close()
+                reply = self._failed(ticket, reason, started, phases)
+            else:
+                retired = [li for name, li in self.listeners.items() if listeners.get(name) is not li]
+                self.listeners = dict(listeners)
+                self.loaded = loaded
+                self.current = gen
+                for li in new_listeners:
+                    self.systemd.store_fd(li.name, li.fd)
+                if old is not None:
+                    self.draining.append(old)
+                    old.request_drain()
+                    phase("draining", f"generation {old.number} (drain_timeout {old.spec.program.drain_timeout:g}s)")
+                if retired:
+                    assert self._root is not None
+                    self._root.start_soon(self._close_retired, retired, list(self.draining))
+                reply = UpgradeReply(
+                    ok=True, outcome="ok", generation=gen.number,
+                    previous_generation=old.number if old else None,
+                    duration_s=round(trio.current_time() - started, 4), phases=phases,
+                )
+            self.state = "running"
+            self.last_upgrade = reply
+            log.info(
+                "upgrade.finished", outcome=reply.outcome, reason=reply.reason,
+                generation=reply.generation, duration_s=reply.duration_s,
+            )
+            self.systemd.ready(self.status_text())
+        return reply
+
+    def _reconcile_listeners(self, loaded: LoadedConfig) -> tuple[dict[str, Listener], list[Listener]]:
+        """Keep listeners whose name and address are unchanged; bind the rest.
+
+        Returns every listener the new config wants, and the ones newly bound (for cleanup).
+        """
+        result: dict[str, Listener] = {}
+        fresh: list[Listener] = []
+        with ExitStack() as cleanup_on_fail:
+            for config in loaded.config.listener:
+                existing = self.listeners.get(config.name)
+                if existing is not None and existing.config.parsed_address == config.parsed_address:
+                    if existing.config.backlog != config.backlog and existing.sock.type == 1:
+                        existing.sock.listen(config.backlog)
+                    existing.config = config
+                    result[config.name] = existing
+                    continue
+                listener = bind_listener(config)
+                cleanup_on_fail.callback(listener.close)
+                result[config.name] = listener
+                fresh.append(listener)
+            cleanup_on_fail.pop_all()
+        return result, fresh
+
+    async def _close_retired(self, retired: list[Listener], users: list[Generation]) -> None:
+        """Close listeners that left the config once no generation that used them remains."""
+        for gen in users:
+            await gen.stopped.wait()
+        for li in retired:
+            log.info("listener.closed", listener=li.name, address=li.bound_address())
+            self.systemd.remove_fd(li.name)
+            li.close()
+
+    async def _handle_signals(self, signals: trio.abc.ReceiveChannel[int]) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("signal.received", signal="SIGHUP", action="upgrade")
+                self.request_upgrade(UpgradeRequest())
+            elif signum == signal.SIGUSR2:
+                log.info("signal.received", signal="SIGUSR2", action="upgrade --self")
+                self.request_upgrade(UpgradeRequest(supervisor=True))
+            elif signum == signal.SIGCHLD:
+                _reap_orphans(self._known_pids())
+            elif self._stop_requested.is_set():
+                log.warning("signal.received", signal=signal.Signals(signum).name, action="kill workers now")
+                for gen in ([self.current] if self.current else []) + self.draining:
+                    for slot in gen.slots:
+                        if slot.process is not None:
+                            slot.process.kill()
+            else:
+                log.info("signal.received", signal=signal.Signals(signum).name, action="stop")
+                self.stop()
+
+    def _known_pids(self) -> set[int]:
+        gens = ([self.current] if self.current else []) + self.draining
+        return {pid for g in gens for pid in g.pids()}
+
+    async def _shutdown(self) -> None:
+        gens = ([self.current] if self.current else []) + self.draining
+        self.state = "stopping"
+        longest = max((g.spec.program.drain_timeout for g in gens), default=0.0)
+        self.systemd.stopping(f"stopping: draining generation(s) {', '.join(str(g.number) for g in gens)}")
+        self.systemd.send(f"EXTEND_TIMEOUT_USEC={int((longest + _SYSTEMD_SLACK_S) * 1e6)}")
+        for gen in gens:
+            gen.request_drain()
+        with trio.move_on_after(longest + _REAP_GRACE_S):
+            for gen in gens:
+                await gen.stopped.wait()
+
+
+def _starter_address(listener: Listener) -> str:
+    addr = listener.bound_address()
+    return addr.split(":", 1)[1] if addr.startswith(("unix:", "unixgram:")) else addr.removeprefix("udp://")
+
+
+def _reap_orphans(known: set[int]) -> None:
+    """As PID 1 (a container), reap exited processes that are not our workers.
+
+    Workers are reaped through their pidfds; waiting on them here would steal their status.
+    """
+    children: set[int] = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(p) for p in f.read().split())
+    except OSError:
+        return
+    for pid in children - known:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str, Listener]:
+    """Inherit what the service manager passed (by name, then by address), bind the rest."""
+    config = loaded.config
+    try:
+        inherited = parse_listen_fds(environ, os.getpid())
+    except ValueError as exc:
+        raise ListenerError(f"cannot use the fds passed by the service manager: {exc}") from exc
+    if inherited is None and "LISTEN_FDS" in environ:
+        log.warning(
+            "systemd.listen_fds_ignored",
+            listen_pid=environ.get("LISTEN_PID"),
+            pid=os.getpid(),
+            reason="LISTEN_PID names another process",
+        )
+    claimed, unclaimed = adopt_inherited(config.listener, inherited or [])
+    for item in unclaimed:
+        if config.supervisor.keep_unclaimed:
+            log.info("listener.unclaimed_kept", fd=item.fd, fdname=item.name)
+        else:
+            log.warning("listener.unclaimed_closed", fd=item.fd, fdname=item.name,
+                        hint="add a [[listener]] with this name, or set keep_unclaimed = true")
+            os.close(item.fd)
+    result: dict[str, Listener] = {}
+    with ExitStack() as cleanup_on_fail:
+        for li in claimed.values():
+            cleanup_on_fail.callback(li.close)
+        for lc in config.listener:
+            if lc.name in claimed:
+                result[lc.name] = claimed[lc.name]
+                continue
+            listener = bind_listener(lc)
+            cleanup_on_fail.callback(listener.close)
+            result[lc.name] = listener
+        cleanup_on_fail.pop_all()
+    return result
+
+
+def write_pid_file(path: Path) -> None:
+    """Write our pid atomically (temp file + rename), so a reader never sees a partial file."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}")
+    temp.write_text(f"{os.getpid()}\n")
+    os.rename(temp, path)
+
+
+async def run_supervisor(
+    loaded: LoadedConfig,
+    environ: Mapping[str, str],
+    *,
+    task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run handoffd until stopped: listeners, control socket, generation 1, upgrades.
+
+    Raises:
+        HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
+    """
+    sup = Supervisor(loaded, environ)
+    config = loaded.config
+    problem = notify_dir_ok(sup.notify_dir)
+    if problem is not None:
+        raise ListenerError(f"supervisor.runtime_dir: {problem}")
+    sup.notify_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    control_path = control_socket_path(config.supervisor, environ)
+    allowed = frozenset({0, os.getuid(), *config.supervisor.allowed_uids})
+    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
+    if os.getpid() == 1:
+        signals_wanted.append(signal.SIGCHLD)
+    with trio.open_signal_receiver(*signals_wanted) as signals:
+        sup.listeners = open_listeners(loaded, environ)
+        control_inode: int | None = None
+        try:
+            for li in sup.listeners.values():
+                sup.systemd.store_fd(li.name, li.fd)
+            control = bind_control_socket(control_path)
+            control_inode = os.stat(control_path).st_ino
+            async with trio.open_nursery() as root:
+                sup._root = root
+                await root.start(serve_control, control, sup, allowed)
+                root.start_soon(sup._handle_signals, signals)
+                try:
+                    sup.current = await sup._start_generation(loaded, sup.listeners)
+                except SpawnError as exc:
+                    raise SpawnError(f"generation 1 could not start: {exc}") from exc
+                sup.state = "running"
+                if config.supervisor.pid_file is not None:
+                    write_pid_file(config.supervisor.pid_file)
+                log.info(
+                    "supervisor.ready", generation=sup.current.number, pids=sup.current.pids(),
+                    listeners={li.name: li.bound_address() for li in sup.listeners.values()},
+                    control_socket=str(control_path),
+                )
+                sup.systemd.ready(sup.status_text())
+                task_status.started(sup)
+                async with trio.open_nursery() as upgrades:
+                    upgrades.start_soon(sup._run_upgrades)
+                    await sup._stop_requested.wait()
+                    upgrades.cancel_scope.cancel()
+                await sup._shutdown()
+                root.cancel_scope.cancel()
+        finally:
+            for li in sup.listeners.values():
+                li.close()
+            sup.parked.close_all()
+            _unlink_if_ours(control_path, control_inode)
+    log.info("supervisor.stopped")
+
+
+def _unlink_if_ours(path: Path, inode: int | None) -> None:
+    """Remove the control socket unless a successor supervisor has already replaced it."""
+    try:
+        if inode is not None and os.stat(path).st_ino == inode:
+            path.unlink()
+    except OSError:
+        pass
