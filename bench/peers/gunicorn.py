@@ -1,0 +1,94 @@
+"""gunicorn, sync worker class, 2 workers; reload by SIGHUP to the master.
+
+SIGHUP: the master re-reads its config, forks 2 new workers (which import the app, so they pick
+up the new version), and gracefully stops the old ones without waiting for the new ones to be
+able to serve. Nothing is reported back to whoever sent the signal.
+
+Self-upgrade (the binary-upgrade dance from gunicorn's docs): USR2 to the master starts a new
+master on the same sockets (the old pid file becomes ``.oldbin``); once the new master's workers
+serve, WINCH to the old master (gunicorn ignores it unless daemonized) and TERM (graceful stop;
+QUIT would be the fast one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import ClassVar
+
+from bench.peers import APPS, START_TIMEOUT, Peer, ReloadOutcome, Requirement, free_port, wait_serving, which
+
+
+class GunicornPeer(Peer):
+    name: ClassVar[str] = "gunicorn"
+    summary: ClassVar[str] = "gunicorn 2 sync workers, SIGHUP (no keep-alive: the sync worker closes every connection)"
+    self_upgrade_na: ClassVar[str | None] = None
+    requires: ClassVar[list[Requirement]] = [Requirement("pip", "gunicorn")]
+
+    @classmethod
+    def missing(cls) -> str | None:
+        if which("gunicorn") is None:
+            return "gunicorn is not installed (pip install gunicorn)"
+        return None
+
+    @property
+    def pidfile(self) -> str:
+        return str(self.workdir / "gunicorn.pid")
+
+    def master_pid(self) -> int:
+        with open(self.pidfile, encoding="ascii") as f:
+            return int(f.read().strip())
+
+    def start(self) -> None:
+        port = free_port()
+        self.address = ("127.0.0.1", port)
+        self.spawn(
+            [
+                str(which("gunicorn")), "--workers", "2", "--worker-class", "sync",
+                "--bind", f"127.0.0.1:{port}", "--backlog", "1024", "--pid", self.pidfile,
+                "--chdir", str(APPS), "--graceful-timeout", "20", "--log-level", "warning",
+                "wsgi:app",
+            ],
+            "gunicorn.log",
+        )
+        wait_serving(self.address, START_TIMEOUT)
+
+    def reload(self) -> ReloadOutcome:
+        os.kill(self.master_pid(), signal.SIGHUP)
+        return ReloadOutcome("none", "SIGHUP sent; gunicorn answers nothing")
+
+    def self_upgrade(self) -> ReloadOutcome:
+        old = self.master_pid()
+        target = json.loads(self.version_file.read_text())["generation"]
+        os.kill(old, signal.SIGUSR2)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                if self.master_pid() != old:
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.02)
+        else:
+            return ReloadOutcome("none", "no new master wrote the pid file")
+        try:
+            wait_serving(self.address, START_TIMEOUT, generation=target)
+        except TimeoutError as exc:
+            return ReloadOutcome("none", f"new master's workers never served: {exc}")
+        os.kill(old, signal.SIGWINCH)
+        os.kill(old, signal.SIGTERM)
+        return ReloadOutcome("none", "USR2, then WINCH+TERM to the old master once the new workers served")
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.master_pid(), signal.SIGTERM)
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            pass
+        super().stop()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use python -m bench.compare --peers gunicorn")

@@ -1,0 +1,132 @@
+"""handoffd: holds the socket, starts generation N+1 on it, retires N once N+1 reported READY=1.
+
+Reload: ``handoffd upgrade --config PATH`` blocks until the new generation is ready (exit 0) or
+the upgrade failed (exit 1). Self-upgrade: ``handoffd upgrade --self``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import ClassVar
+
+from bench.peers import (
+    APP,
+    START_TIMEOUT,
+    Peer,
+    ReloadOutcome,
+    Requirement,
+    run_command,
+    wait_serving,
+    which,
+)
+
+CONFIG = """\
+[supervisor]
+runtime_dir = "{runtime_dir}"
+
+[[listener]]
+name = "http"
+address = "127.0.0.1:0"
+backlog = 1024
+
+[program]
+command = [{python}, {app}]
+processes = 2
+ready = "notify"
+ready_timeout = 30
+stop_signal = "SIGTERM"
+drain_timeout = 30
+env = {{ BENCH_VERSION_FILE = {version_file} }}
+"""
+
+
+def handoffd_bin() -> str | None:
+    return which("handoffd")
+
+
+class HandoffdPeer(Peer):
+    name: ClassVar[str] = "handoffd"
+    summary: ClassVar[str] = "handoffd (this project): 2 workers on one held socket, notify readiness"
+    self_upgrade_na: ClassVar[str | None] = None
+    self_upgrade_restarts_workers: ClassVar[bool] = False
+    requires: ClassVar[list[Requirement]] = [Requirement("pip", "handoffd (pip install -e .)")]
+
+    @classmethod
+    def missing(cls) -> str | None:
+        if handoffd_bin() is None:
+            return "the handoffd console script is not installed (cd /work/main && .venv/bin/pip install -e .)"
+        probe = subprocess.run(
+            [str(handoffd_bin()), "--help"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if probe.returncode != 0:
+            return f"handoffd --help failed: {(probe.stderr or probe.stdout).strip()[-300:]}"
+        return None
+
+    @property
+    def config(self) -> str:
+        return str(self.workdir / "handoffd.toml")
+
+    def cli(self, *args: str) -> list[str]:
+        return [str(handoffd_bin()), *args, "--config", self.config]
+
+    def start(self) -> None:
+        runtime = self.workdir / "run"
+        runtime.mkdir(exist_ok=True)
+        (self.workdir / "handoffd.toml").write_text(
+            CONFIG.format(
+                runtime_dir=runtime,
+                python=json.dumps(sys.executable),
+                app=json.dumps(str(APP)),
+                version_file=json.dumps(str(self.version_file)),
+            )
+        )
+        proc = self.spawn(self.cli("run"), "handoffd.log")
+        deadline = time.monotonic() + START_TIMEOUT
+        status: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"handoffd run exited {proc.returncode}: {self.log_tail('handoffd.log')}")
+            status = self.status()
+            workers = status.get("workers") or []
+            listeners = status.get("listeners") or []
+            # The worker state names are the lead's; being listed and the socket answering is enough.
+            if workers and listeners:
+                address = str(listeners[0]["address"])  # type: ignore[index]
+                host, _, port = address.rpartition(":")
+                self.address = (host.strip("[]"), int(port))
+                break
+            time.sleep(0.05)
+        else:
+            raise TimeoutError(f"handoffd not ready in {START_TIMEOUT} s: {status}")
+        wait_serving(self.address, START_TIMEOUT)
+
+    def status(self) -> dict[str, object]:
+        rc, out = run_command(self.cli("status") + ["--json"], timeout=10)
+        if rc != 0:
+            return {}
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError:
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _outcome(self, args: list[str]) -> ReloadOutcome:
+        rc, out = run_command(self.cli(*args))
+        if rc == 0:
+            return ReloadOutcome("ok")
+        if rc == 1:
+            return ReloadOutcome("failed", out.strip().splitlines()[-1] if out.strip() else "exit 1")
+        return ReloadOutcome("error", f"exit {rc}: {out.strip()[-200:]}")
+
+    def reload(self) -> ReloadOutcome:
+        return self._outcome(["upgrade"])
+
+    def self_upgrade(self) -> ReloadOutcome:
+        return self._outcome(["upgrade", "--self"])
+
+    def stop(self) -> None:
+        run_command(self.cli("stop"), timeout=60)
+        super().stop()
