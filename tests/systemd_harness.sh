@@ -121,14 +121,24 @@ with open(base + "/manager.log", "ab", buffering=0) as log:
     # 1. move this shell into the cgroup, 2. new mount+cgroup ns (cgroup ns root = $CG),
     # 3. cgroup2 on /sys/fs/cgroup (mounted inside the new cgroup ns, so no global mount flags change),
     # 4. tmpfs on /run/systemd + /run/systemd/system (systemd --user refuses to start unless sd_booted();
-    #    64M because daemon-reload demands 16M free there), 5. pty slave over /dev/console, 6. drop to $SDH_USER.
+    #    64M because daemon-reload demands 16M free there) + /run/systemd/unit-root,
+    # 5. a tmpfs on /run/user with /run/user/UID bound to $BASE/runtime. 4 and 5 are what sandboxing
+    #    options (ProtectSystem=, PrivateTmp=, ... with PrivateUsers=yes) need in a user manager: it
+    #    mounts the unit's root at /run/systemd/unit-root and takes its "inaccessible" nodes from
+    #    /run/user/UID/systemd/ whatever XDG_RUNTIME_DIR says (otherwise status=226/NAMESPACE, ENOENT).
+    # 6. pty slave over /dev/console, 7. drop to $SDH_USER.
     setsid timeout --signal=TERM --kill-after=10 "$SDH_MAX_LIFETIME" sh -c '
         echo $$ > "$1/cgroup.procs" || exit 1
         exec unshare --mount --cgroup --propagation private -- sh -c "
             set -e
             mount -t cgroup2 sdh-cgroup2 /sys/fs/cgroup
             mount -t tmpfs -o mode=755,size=64m sdh-run-systemd /run/systemd
-            mkdir /run/systemd/system
+            mkdir /run/systemd/system /run/systemd/unit-root
+            if [ -d /run/user ]; then
+                mount -t tmpfs -o mode=755,size=1m sdh-run-user /run/user
+                mkdir -m 700 /run/user/\$(id -u \"\$1\")
+                mount --bind \"\$0/runtime\" /run/user/\$(id -u \"\$1\")
+            fi
             mount --bind \"\$(cat \$0/console.path)\" /dev/console
             exec setpriv --reuid=\"\$1\" --regid=\"\$1\" --init-groups env -i \
                 PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 HOME=\"\$0/home\" \

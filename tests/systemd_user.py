@@ -163,6 +163,31 @@ class SystemdUser:
             self.ctl("daemon-reload")
         return path
 
+    def install_shipped_unit(self, name: str, *, executable: Path, config: Path) -> Path:
+        """Install ``deploy/NAME`` as shipped, with only its two paths substituted.
+
+        The unit names ``/usr/local/bin/handoffd`` and ``/etc/handoffd/handoffd.toml`` (see its
+        header); they become ``executable`` and ``config``. A drop-in adapts the sandbox to a user
+        manager without weakening it: ``PrivateUsers=yes`` (a user manager can apply
+        ProtectSystem=, PrivateTmp=, capability drops... only inside a user namespace) and
+        ``BindPaths=`` for this manager's directory, which ``PrivateTmp=yes`` would hide.
+        """
+        text = (REPO / "deploy" / name).read_text()
+        for shipped, ours in (
+            ("/usr/local/bin/handoffd", str(executable)),
+            ("/etc/handoffd/handoffd.toml", str(config)),
+        ):
+            assert shipped in text, f"deploy/{name} no longer names {shipped}"
+            text = text.replace(shipped, ours)
+        dropin = self.units / f"{name}.d"
+        dropin.mkdir()
+        dropin.chmod(0o755)
+        (dropin / "user-manager.conf").write_text(
+            f"[Service]\nPrivateUsers=yes\nBindPaths={self.base}\n"
+        )
+        (dropin / "user-manager.conf").chmod(0o644)
+        return self.write_unit(name, text)
+
     def require_python(self) -> Path:
         """The interpreter for services; skips the test when it is not set up for sdtest."""
         probe = self.as_user(

@@ -8,6 +8,7 @@ that teardown leaves nothing behind. They skip where the harness cannot run (see
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -29,8 +30,9 @@ with open(gate) as f:
 with open(state + ".tmp", "w") as f:
     f.write(str(os.getpid()))
 os.rename(state + ".tmp", state)
-assert handoff.ready(status=f"serving from pid {os.getpid()}")
 import signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # before READY=1, so stop is graceful
+assert handoff.ready(status=f"serving from pid {os.getpid()}")
 signal.sigwait({signal.SIGTERM})
 """
 
@@ -81,8 +83,8 @@ def test_notify_unit_is_activating_until_handoff_ready_then_active_with_status(
     }
 
     systemd_user.ctl("stop", "demo.service")
-    assert systemd_user.prop("demo.service", "ActiveState") == "inactive"
-    assert systemd_user.prop("demo.service", "Result") == "success"
+    stopped = systemd_user.props("demo.service", "ActiveState", "Result", "ExecMainStatus")
+    assert stopped == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
     assert not Path(f"/proc/{worker_pid}").exists()
 
 
@@ -114,3 +116,87 @@ def test_harness_down_kills_services_and_removes_its_cgroup_and_files() -> None:
     assert not status.exists() or "State:\tZ" in status.read_text()
     assert not base.exists()
     assert not (cgroup2_root() / f"sdh-{name}").exists()
+
+
+# Stands in for the handoffd CLI (phase 2 replaces it with the real one): `run` is a Type=notify
+# daemon that records what the sandbox lets it do; `upgrade` records its argv and exits with the
+# code in $SDH_STATE/upgrade_exit, as `handoffd upgrade` reports a failed upgrade with 1.
+FAKE_HANDOFFD = """\
+import json, os, signal, sys, handoff
+state = os.environ["SDH_STATE"]
+def record(name, value):
+    with open(f"{state}/{name}.tmp", "w") as f:
+        json.dump(value, f)
+    os.rename(f"{state}/{name}.tmp", f"{state}/{name}")
+if sys.argv[1] == "run":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        open("/usr/handoffd-sandbox-probe", "w").close()
+        usr = "writable"
+    except OSError as exc:
+        usr = exc.strerror
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    record("run", {"argv": sys.argv[1:], "runtime": runtime, "usr": usr})
+    handoff.ready(status=f"fake handoffd {os.getpid()}")
+    signal.sigwait({signal.SIGTERM})
+    record("stop", {"pid": os.getpid()})
+else:
+    record(sys.argv[1], {"argv": sys.argv[1:]})
+    with open(f"{state}/upgrade_exit") as f:
+        sys.exit(int(f.read()))
+"""
+
+
+def test_shipped_service_unit_starts_reloads_reports_failed_reload_and_stops_gracefully(
+    systemd_user: SystemdUser,
+) -> None:
+    python = systemd_user.require_python()
+    state = systemd_user.state
+    script = state / "fake_handoffd.py"
+    script.write_text(FAKE_HANDOFFD)
+    executable = state / "handoffd"
+    executable.write_text(
+        f'#!/bin/sh\nPYTHONPATH={systemd_user.pythonpath} exec {python} {script} "$@"\n'
+    )
+    executable.chmod(0o755)
+    config = state / "handoffd.toml"
+    (state / "upgrade_exit").write_text("0")
+    for path in (script, config, state / "upgrade_exit"):
+        path.touch()
+        path.chmod(0o666)
+    systemd_user.install_shipped_unit("handoffd.service", executable=executable, config=config)
+
+    systemd_user.ctl("start", "handoffd.service")
+    main_pid = systemd_user.prop("handoffd.service", "MainPID")
+    assert systemd_user.props("handoffd.service", "ActiveState", "StatusText", "Type") == {
+        "ActiveState": "active",
+        "StatusText": f"fake handoffd {main_pid}",
+        "Type": "notify",
+    }
+    run = json.loads((state / "run").read_text())
+    assert run["argv"] == ["run", "--config", str(config)]
+    assert run["runtime"] == f"{systemd_user.base}/runtime/handoffd"  # user manager's /run
+    assert run["usr"] == "Read-only file system"  # ProtectSystem=strict is in force
+
+    systemd_user.ctl("reload", "handoffd.service")
+    assert json.loads((state / "upgrade").read_text())["argv"] == [
+        "upgrade",
+        "--config",
+        str(config),
+    ]
+
+    (state / "upgrade_exit").write_text("1")
+    failed = systemd_user.ctl("reload", "handoffd.service", check=False)
+    assert failed.returncode != 0
+    # A failed upgrade leaves the old generation serving: the unit stays up with the same pid.
+    assert systemd_user.props("handoffd.service", "ActiveState", "MainPID") == {
+        "ActiveState": "active",
+        "MainPID": main_pid,
+    }
+
+    systemd_user.ctl("stop", "handoffd.service")
+    assert json.loads((state / "stop").read_text()) == {"pid": int(main_pid)}
+    assert systemd_user.props("handoffd.service", "ActiveState", "Result") == {
+        "ActiveState": "inactive",
+        "Result": "success",
+    }
