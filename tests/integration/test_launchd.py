@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import plistlib
 import shutil
 import socket
 import subprocess
@@ -154,3 +155,14 @@ def test_default_library_outside_macos_says_launchd_is_macos_only() -> None:
         activate_socket("http")
     with pytest.raises(ListenerError, match=r"under systemd use a \.socket unit"):
         load_libsystem()
+
+
+def test_shipped_plist_declares_a_socket_named_like_the_shipped_socket_units_listener() -> None:
+    deploy = Path(__file__).resolve().parent.parent.parent / "deploy"
+    with (deploy / "com.handoffd.plist").open("rb") as f:
+        plist = plistlib.load(f)
+    socket_unit = (deploy / "handoffd.socket").read_text().splitlines()
+
+    assert plist["ProgramArguments"][:2] == ["/usr/local/bin/handoffd", "run"]
+    assert list(plist["Sockets"]) == ["http"]
+    assert "FileDescriptorName=http" in socket_unit

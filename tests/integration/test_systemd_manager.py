@@ -200,3 +200,20 @@ def test_shipped_service_unit_starts_reloads_reports_failed_reload_and_stops_gra
         "ActiveState": "inactive",
         "Result": "success",
     }
+
+
+def test_notify_reload_variant_is_silently_simple_on_systemd_252(systemd_user: SystemdUser) -> None:
+    """The header of deploy/handoffd-notify-reload.service warns about exactly this."""
+    executable = systemd_user.state / "handoffd"
+    executable.write_text("#!/bin/sh\nexec sleep 60\n")
+    executable.chmod(0o755)
+    systemd_user.install_shipped_unit(
+        "handoffd-notify-reload.service", executable=executable, config=systemd_user.state / "x"
+    )
+    version = int(systemd_user.as_user("systemctl", "--version").stdout.split()[1])
+
+    unit_type = systemd_user.prop("handoffd-notify-reload.service", "Type")
+
+    assert unit_type == ("notify-reload" if version >= 253 else "simple")
+    if version < 253:
+        assert "Failed to parse service type, ignoring: notify-reload" in systemd_user.log()
