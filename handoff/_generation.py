@@ -3,8 +3,11 @@
 Design notes:
 - ``run_generation`` is started with ``nursery.start``: it calls ``task_status.started(gen)`` only
   once every worker said ``READY=1`` (or survived ``delay:N``). Before that, any worker exit, a
-  spawn error or ``ready_timeout`` makes it kill every worker it started and raise
+  spawn error or ``ready_timeout`` makes it stop every worker it started and raise
   ``SpawnError`` with the reason, so an upgrade can keep the old generation and report why.
+- A generation that failed is stopped like a draining one (stop_signal, drain_timeout, SIGKILL):
+  a worker that never said READY=1 may still have accepted connections from the shared queue,
+  and killing it outright would reset them.
 - After it is ready, a worker that dies is restarted with exponential backoff (reset once a
   worker stayed up longer than the maximum backoff). Its replacement gets the same fd set.
 - ``request_drain()`` (sync, so it is atomic) makes the task send ``stop_signal`` to every
@@ -164,8 +167,11 @@ async def run_generation(
                 if timer.cancelled_caught:
                     gen._fail(_not_ready_reason(gen))
                 if gen.failure is not None:
+                    # Workers that did start may already have accepted connections from the
+                    # shared queue: stop them as gracefully as a drain, never with SIGKILL first.
                     failure = gen.failure
-                    gen.draining = True
+                    gen.request_drain()
+                    await _drain(gen)
                     nursery.cancel_scope.cancel()
                 else:
                     log.info("generation.ready", pids=gen.pids())
@@ -278,7 +284,8 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
                     with trio.move_on_after(_REAP_TIMEOUT):
                         await proc.wait()
                 slot.exited.set()
-        log.info("worker.exited", pid=proc.pid, reason=describe_exit(code))
+            if proc.returncode is not None:
+                log.info("worker.exited", pid=proc.pid, reason=describe_exit(proc.returncode))
         return code
     finally:
         receiver.close()
