@@ -70,7 +70,9 @@ def _connect(address: Address, timeout: float) -> socket.socket:
         raise RequestFailed("connect_timeout", str(exc)) from None
     except OSError as exc:
         sock.close()
-        raise RequestFailed("connect_error", f"{errno.errorcode.get(exc.errno or 0, exc)}") from None
+        raise RequestFailed(
+            "connect_error", f"{errno.errorcode.get(exc.errno or 0, exc)}"
+        ) from None
     if not isinstance(address, str):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
@@ -87,7 +89,9 @@ class _Reader:
         except TimeoutError:
             raise RequestFailed("timeout", "no complete response in time") from None
         except ConnectionResetError:
-            raise RequestFailed("reset", "connection reset while waiting for the response") from None
+            raise RequestFailed(
+                "reset", "connection reset while waiting for the response"
+            ) from None
         except OSError as exc:
             raise RequestFailed("recv_error", str(exc)) from None
         if not chunk:
@@ -210,9 +214,13 @@ class LoadClient:
     def start(self) -> None:
         self._started = time.monotonic()
         for i in range(self.keepalive):
-            self._threads.append(threading.Thread(target=self._keepalive_loop, name=f"ka{i}", daemon=True))
+            self._threads.append(
+                threading.Thread(target=self._keepalive_loop, name=f"ka{i}", daemon=True)
+            )
         for i in range(self.fresh):
-            self._threads.append(threading.Thread(target=self._fresh_loop, name=f"fresh{i}", daemon=True))
+            self._threads.append(
+                threading.Thread(target=self._fresh_loop, name=f"fresh{i}", daemon=True)
+            )
         for t in self._threads:
             t.start()
 

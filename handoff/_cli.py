@@ -10,8 +10,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -19,6 +19,9 @@ from ._config import find_control_socket, load_config
 from ._control import StatusRequest, StopRequest, UpgradeRequest, call
 from ._errors import EXIT_OK, EXIT_UPGRADE_FAILED, EXIT_USAGE, HandoffError
 from ._logs import configure_logging
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 DEFAULT_CONFIG = Path("/etc/handoffd/handoffd.toml")
 
@@ -37,24 +40,40 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     run = sub.add_parser("run", help="run the supervisor in the foreground")
-    run.add_argument("--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG})")
+    run.add_argument(
+        "--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG})"
+    )
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
 
     up = sub.add_parser("upgrade", help="start a new generation and retire the old one")
     client_options(up)
-    up.add_argument("--self", dest="supervisor", action="store_true",
-                    help="replace the handoffd supervisor itself, keeping the workers")
-    up.add_argument("--exec", dest="exec_path", default=None,
-                    help="with --self: the handoffd executable to start (default: as found now)")
-    up.add_argument("--timeout", type=float, default=None,
-                    help="give up waiting for the outcome after this many seconds")
+    up.add_argument(
+        "--self",
+        dest="supervisor",
+        action="store_true",
+        help="replace the handoffd supervisor itself, keeping the workers",
+    )
+    up.add_argument(
+        "--exec",
+        dest="exec_path",
+        default=None,
+        help="with --self: the handoffd executable to start (default: as found now)",
+    )
+    up.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up waiting for the outcome after this many seconds",
+    )
 
     st = sub.add_parser("status", help="show generations, workers, listeners, last upgrade")
     client_options(st)
 
     stop = sub.add_parser("stop", help="drain every worker and stop the daemon")
     client_options(stop)
-    stop.add_argument("--no-wait", action="store_true", help="return once the daemon accepted the request")
+    stop.add_argument(
+        "--no-wait", action="store_true", help="return once the daemon accepted the request"
+    )
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
@@ -106,7 +125,10 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
             print(json.dumps(event), flush=True)
         else:
             detail = f"  {event['detail']}" if event.get("detail") else ""
-            print(f"upgrade: {event['phase']:<14} +{float(str(event['elapsed_s'])):.3f}s{detail}", flush=True)
+            print(
+                f"upgrade: {event['phase']:<14} +{float(str(event['elapsed_s'])):.3f}s{detail}",
+                flush=True,
+            )
 
     request = UpgradeRequest(supervisor=args.supervisor, exec_path=args.exec_path)
     reply = call(path, request, on_event=on_event, timeout=args.timeout)
@@ -132,12 +154,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(reply)
         return EXIT_OK
-    print(f"handoffd pid {reply['pid']} ({reply['version']}) {reply['state']}, config {reply['config']}")
+    print(
+        f"handoffd pid {reply['pid']} ({reply['version']}) {reply['state']}, config {reply['config']}"
+    )
     print(f"generation {reply['generation']}")
     for w in reply["workers"]:  # type: ignore[attr-defined]
         status = f"  {w['status']!r}" if w.get("status") else ""
         extra = f"  restarts={w['restarts']}" if w.get("restarts") else ""
-        print(f"  gen {w['generation']} worker {w['index']}  pid {w['pid'] or '-':<8} {w['state']:<9}{status}{extra}")
+        print(
+            f"  gen {w['generation']} worker {w['index']}  pid {w['pid'] or '-':<8} {w['state']:<9}{status}{extra}"
+        )
     print("listeners:")
     for li in reply["listeners"]:  # type: ignore[attr-defined]
         print(f"  {li['name']:<12} {li['address']}  (fd {li['fd']}, {li['origin']})")
@@ -146,7 +172,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     last = reply.get("last_upgrade")
     if isinstance(last, dict):
         why = f": {last['reason']}" if last.get("reason") else ""
-        print(f"last upgrade: {last['outcome']} (generation {last['generation']}, {last['duration_s']}s){why}")
+        print(
+            f"last upgrade: {last['outcome']} (generation {last['generation']}, {last['duration_s']}s){why}"
+        )
     return EXIT_OK
 
 

@@ -16,14 +16,16 @@ import os
 import re
 import signal
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, final
+from typing import TYPE_CHECKING, Annotated, Literal, final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 AddressKind = Literal["tcp", "udp", "unix", "unixgram"]
 UnlinkPolicy = Literal["none", "always", "socket-only", "flock"]
@@ -32,7 +34,9 @@ FdDelivery = Literal["listen_fds", "scm_rights"]
 # Names travel in LISTEN_FDNAMES, which is ':'-separated and limited to 255 bytes per name
 # (sd_listen_fds_with_names(3)); a name is also used as FDNAME= in the systemd fd store.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
-_HOST_PORT_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z0-9]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$")
+_HOST_PORT_RE = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z0-9]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$"
+)
 
 
 @final
@@ -73,7 +77,9 @@ def parse_address(text: str) -> Address:
         if text.startswith(prefix):
             path = text[len(prefix) :]
             if not path or not (path.startswith("/") or path.startswith("@")):
-                raise ValueError(f"a {kind} address needs an absolute path or @abstract name; {forms}")
+                raise ValueError(
+                    f"a {kind} address needs an absolute path or @abstract name; {forms}"
+                )
             # sun_path is 108 bytes including the terminating NUL (unix(7)).
             if len(os.fsencode(path)) > 107:
                 raise ValueError("the socket path is longer than the 107 bytes unix(7) allows")
@@ -362,4 +368,7 @@ def find_control_socket(path: Path, environ: Mapping[str, str]) -> Path:
             value = section.get(key)
             if isinstance(value, str):
                 wanted[key] = path.parent / value
-    return control_socket_path(SupervisorConfig(**wanted), environ)
+    supervisor = SupervisorConfig(
+        runtime_dir=wanted.get("runtime_dir"), control_socket=wanted.get("control_socket")
+    )
+    return control_socket_path(supervisor, environ)

@@ -14,19 +14,22 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Annotated, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Final, Literal, Protocol
 
 import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from ._errors import DaemonUnreachableError, ProtocolError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -133,7 +136,9 @@ class ErrorReply(_Wire):
 
 
 def error_line(code: str, message: str) -> bytes:
-    return ErrorReply(error=ErrorDetail(code=code, message=message)).model_dump_json().encode() + b"\n"
+    return (
+        ErrorReply(error=ErrorDetail(code=code, message=message)).model_dump_json().encode() + b"\n"
+    )
 
 
 class ControlHandler(Protocol):
@@ -154,10 +159,8 @@ def bind_control_socket(path: Path) -> socket.socket:
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        except FileNotFoundError:
-            pass
         sock.bind(str(temp))
         os.chmod(temp, 0o600)
         sock.listen(64)
@@ -171,7 +174,7 @@ def bind_control_socket(path: Path) -> socket.socket:
 def peer_uid(sock: trio.socket.SocketType) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
+    return int(uid)
 
 
 async def serve_control(
@@ -199,8 +202,10 @@ async def _serve_connection(
         if uid not in allowed_uids:
             log.warning("control.refused", uid=uid)
             await stream.send_all(
-                error_line("forbidden", f"uid {uid} may not control this handoffd; add it to "
-                           "supervisor.allowed_uids")
+                error_line(
+                    "forbidden",
+                    f"uid {uid} may not control this handoffd; add it to supervisor.allowed_uids",
+                )
             )
             return
         buffer = b""
@@ -222,7 +227,9 @@ async def _serve_connection(
                 continue
             line, buffer = buffer[:newline], buffer[newline + 1 :]
             if len(line) > MAX_LINE:
-                await stream.send_all(error_line("too_long", f"request line is longer than {MAX_LINE} bytes"))
+                await stream.send_all(
+                    error_line("too_long", f"request line is longer than {MAX_LINE} bytes")
+                )
                 return
             if not line.strip():
                 continue
@@ -240,8 +247,11 @@ async def _dispatch(line: bytes, stream: trio.SocketStream, handler: ControlHand
         return
     if isinstance(raw, dict) and raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         await stream.send_all(
-            error_line("bad_version", f"protocol version {raw.get('v')!r} is not supported; this "
-                       f"handoffd speaks v{PROTOCOL_VERSION}")
+            error_line(
+                "bad_version",
+                f"protocol version {raw.get('v')!r} is not supported; this "
+                f"handoffd speaks v{PROTOCOL_VERSION}",
+            )
         )
         return
     try:
@@ -264,10 +274,9 @@ async def _dispatch(line: bytes, stream: trio.SocketStream, handler: ControlHand
     else:
 
         async def send_event(event: UpgradeEvent) -> None:
-            try:
+            # If the client left, the upgrade goes on and is logged all the same.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.send_all(event.model_dump_json().encode() + b"\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client left; the upgrade goes on and is logged
 
         reply = await handler.upgrade(request, send_event)
         await stream.send_all(reply.model_dump_json().encode() + b"\n")
@@ -319,7 +328,9 @@ def call(
             try:
                 message = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ProtocolError(f"handoffd at {path} sent a line that is not JSON: {line[:200]!r}") from exc
+                raise ProtocolError(
+                    f"handoffd at {path} sent a line that is not JSON: {line[:200]!r}"
+                ) from exc
             if not isinstance(message, dict):
                 raise ProtocolError(f"handoffd at {path} sent {message!r}, not an object")
             if "event" in message:
@@ -332,6 +343,8 @@ def call(
                     pass
             return message
     except TimeoutError as exc:
-        raise DaemonUnreachableError(f"handoffd at {path} did not answer within {timeout}s") from exc
+        raise DaemonUnreachableError(
+            f"handoffd at {path} did not answer within {timeout}s"
+        ) from exc
     finally:
         sock.close()

@@ -51,9 +51,13 @@ class _DemoState:
     requests: int = 0
 
 
-def _response(state: _DemoState, close: bool, status_line: str = "200 OK", body: str | None = None) -> bytes:
-    text = body if body is not None else (
-        f"hello from handoffd demo: generation {state.generation}, pid {state.pid}\n"
+def _response(
+    state: _DemoState, close: bool, status_line: str = "200 OK", body: str | None = None
+) -> bytes:
+    text = (
+        body
+        if body is not None
+        else (f"hello from handoffd demo: generation {state.generation}, pid {state.pid}\n")
     )
     payload = text.encode()
     head = (
@@ -73,13 +77,17 @@ async def _serve_connection(stream: trio.SocketStream, state: _DemoState) -> Non
         while True:
             while b"\r\n\r\n" not in buffer:
                 if len(buffer) > MAX_HEAD:
-                    await stream.send_all(_response(state, True, "431 Request Header Fields Too Large", "too large\n"))
+                    await stream.send_all(
+                        _response(state, True, "431 Request Header Fields Too Large", "too large\n")
+                    )
                     return
                 idle = not buffer
                 with trio.CancelScope() as scope:
                     if idle:
                         state.idle_scopes.add(scope)
-                        scope.deadline = trio.current_time() + (state.idle_grace if state.draining else IDLE_TIMEOUT)
+                        scope.deadline = trio.current_time() + (
+                            state.idle_grace if state.draining else IDLE_TIMEOUT
+                        )
                     try:
                         chunk = await stream.receive_some(65536)
                     except trio.BrokenResourceError:
@@ -119,7 +127,9 @@ async def _serve_connection(stream: trio.SocketStream, state: _DemoState) -> Non
                 return
 
 
-async def _accept_loop(listener: trio.socket.SocketType, state: _DemoState, nursery: trio.Nursery) -> None:
+async def _accept_loop(
+    listener: trio.socket.SocketType, state: _DemoState, nursery: trio.Nursery
+) -> None:
     while True:
         try:
             conn, _ = await listener.accept()
@@ -148,7 +158,9 @@ async def serve() -> None:
     given = [s for socks in listeners().values() for s in socks if s.type == socket.SOCK_STREAM]
     if not given:
         given = [_fallback_listener()]
-        print(f"handoff.demo: no sockets passed; serving on {given[0].getsockname()}", file=sys.stderr)
+        print(
+            f"handoff.demo: no sockets passed; serving on {given[0].getsockname()}", file=sys.stderr
+        )
     tsocks = [trio.socket.from_stdlib_socket(s) for s in given]
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as connections:

@@ -22,19 +22,22 @@ from __future__ import annotations
 import itertools
 import os
 import socket
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, final
+from typing import TYPE_CHECKING, Literal, final
 
 import structlog
 import trio
 from structlog.contextvars import bound_contextvars
 
-from ._config import ProgramConfig
 from ._errors import SpawnError
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._spawn import WorkerProcess, describe_exit, spawn_worker
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from ._config import ProgramConfig
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -126,8 +129,16 @@ class Generation:
         self.draining = True
         self._drain_requested.set()
 
+    def is_draining(self) -> bool:
+        """A method, not the attribute, so type checkers do not assume it is unchanged by awaits."""
+        return self.draining
+
     def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots if s.process is not None and s.process.returncode is None]
+        return [
+            s.process.pid
+            for s in self.slots
+            if s.process is not None and s.process.returncode is None
+        ]
 
     def _mark_ready(self, slot: WorkerSlot) -> None:
         if self.draining:
@@ -194,7 +205,7 @@ def _not_ready_reason(gen: Generation) -> str:
     ]
     mode = gen.spec.program.ready
     hint = (
-        "; the worker must send READY=1 to $NOTIFY_SOCKET (sd_notify), or set ready = \"delay:N\""
+        '; the worker must send READY=1 to $NOTIFY_SOCKET (sd_notify), or set ready = "delay:N"'
         if mode == "notify"
         else ""
     )
@@ -213,12 +224,16 @@ async def _drain(gen: Generation) -> None:
     for slot in live:
         assert slot.process is not None
         slot.process.send_signal(signum)
-    log.info("generation.draining", signal=signum.name, pids=[s.process.pid for s in live if s.process])
+    log.info(
+        "generation.draining", signal=signum.name, pids=[s.process.pid for s in live if s.process]
+    )
     with trio.move_on_after(program.drain_timeout) as timer:
         for slot in live:
             await slot.exited.wait()
     if timer.cancelled_caught:
-        stuck = [s.process.pid for s in live if s.process is not None and s.process.returncode is None]
+        stuck = [
+            s.process.pid for s in live if s.process is not None and s.process.returncode is None
+        ]
         log.warning(
             "generation.drain_timed_out",
             drain_timeout=program.drain_timeout,
@@ -231,11 +246,11 @@ async def _run_slot(gen: Generation, slot: WorkerSlot) -> None:
     spec = gen.spec
     backoff = spec.backoff_initial
     with bound_contextvars(worker=slot.index):
-        while not gen.draining:
+        while not gen.is_draining():
             started_at = trio.current_time()
             code = await _run_one_worker(gen, slot)
             slot.last_exit = describe_exit(code) if code is not None else slot.last_exit
-            if gen.draining:
+            if gen.is_draining():
                 break
             if not gen.ready.is_set():
                 gen._fail(f"worker {slot.index} {slot.last_exit} before it was ready")
@@ -244,7 +259,12 @@ async def _run_slot(gen: Generation, slot: WorkerSlot) -> None:
             slot.restarts += 1
             if trio.current_time() - started_at > spec.backoff_max:
                 backoff = spec.backoff_initial
-            log.warning("worker.crashed", reason=slot.last_exit, restart_in_s=backoff, restarts=slot.restarts)
+            log.warning(
+                "worker.crashed",
+                reason=slot.last_exit,
+                restart_in_s=backoff,
+                restarts=slot.restarts,
+            )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, spec.backoff_max)
         slot.state = "exited"
@@ -320,7 +340,11 @@ def _spawn(
     try:
         env["HANDOFF_FD"] = "3"
         proc = spawn_worker(
-            program.command, environ=env, fds=[theirs.fileno()], set_listen_pid=False, cwd=program.cwd
+            program.command,
+            environ=env,
+            fds=[theirs.fileno()],
+            set_listen_pid=False,
+            cwd=program.cwd,
         )
     except BaseException:
         ours.close()

@@ -20,15 +20,18 @@ import os
 import pwd
 import socket
 import stat
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import final
+from typing import TYPE_CHECKING, final
 
 import structlog
 
-from ._config import Address, ListenerConfig
 from ._errors import ListenerError
-from ._systemd import InheritedFd
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from ._config import Address, ListenerConfig
+    from ._systemd import InheritedFd
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -128,7 +131,9 @@ def bind_listener(config: ListenerConfig) -> Listener:
         if lock_fd is not None:
             os.close(lock_fd)
         raise
-    log.info("listener.bound", listener=config.name, address=_describe(sock, config), fd=sock.fileno())
+    log.info(
+        "listener.bound", listener=config.name, address=_describe(sock, config), fd=sock.fileno()
+    )
     return Listener(config=config, sock=sock, origin="bound", lock_fd=lock_fd)
 
 
@@ -163,7 +168,7 @@ def _prepare_unix_path(config: ListenerConfig, addr: Address, where: str) -> int
         if lock_fd is not None:
             os.close(lock_fd)
         raise ListenerError(
-            f"{where}: {addr.path} exists and unlink = \"none\"; remove it or set unlink = "
+            f'{where}: {addr.path} exists and unlink = "none"; remove it or set unlink = '
             '"socket-only"'
         )
     else:
@@ -188,9 +193,7 @@ def _apply_ownership(config: ListenerConfig, path: str, where: str) -> None:
         raise ListenerError(f"{where}: cannot set mode/owner on {path}: {exc.strerror}") from exc
 
 
-def _lookup_id(
-    value: str | int | None, what: str, where: str, lookup: object
-) -> int:
+def _lookup_id(value: str | int | None, what: str, where: str, lookup: object) -> int:
     if value is None:
         return -1
     if isinstance(value, int):

@@ -13,14 +13,17 @@ Design notes:
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -109,7 +112,9 @@ class NotifyMessage:
         return self.fields.get("FDNAME", "stored")
 
 
-def parse_notify(data: bytes, fds: Sequence[int] = (), sender_pid: int | None = None) -> NotifyMessage:
+def parse_notify(
+    data: bytes, fds: Sequence[int] = (), sender_pid: int | None = None
+) -> NotifyMessage:
     """Parse a datagram into a ``NotifyMessage``; lines without ``=`` are ignored as systemd does."""
     parsed: dict[str, str] = {}
     for line in data.decode("utf-8", "replace").split("\n"):
@@ -122,10 +127,8 @@ def parse_notify(data: bytes, fds: Sequence[int] = (), sender_pid: int | None = 
 def close_fds(fds: Sequence[int]) -> None:
     """Close fds we received but will not keep; never raises for an fd already gone."""
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 @final
@@ -144,10 +147,8 @@ class NotifyReceiver:
     def bind(cls, path: str) -> NotifyReceiver:
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
             raw.bind(path)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         except BaseException:
@@ -181,7 +182,5 @@ class NotifyReceiver:
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass

@@ -18,19 +18,22 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
 import signal
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 
 from ._errors import SpawnError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -81,10 +84,8 @@ class WorkerProcess:
         """Signal the worker; a no-op once it has exited (the pidfd prevents pid reuse races)."""
         if self.returncode is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -163,7 +164,7 @@ def spawn_worker(
     try:
         for fd in fds:
             staged.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, first_free))
-        actions: list[tuple[int, ...]] = [
+        actions: list[tuple[int | str, ...]] = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
         actions += [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(staged)]

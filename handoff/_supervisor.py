@@ -20,15 +20,15 @@ Design notes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from importlib import metadata
 from pathlib import Path
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
@@ -51,6 +51,9 @@ from ._errors import HandoffError, ListenerError, SpawnError
 from ._generation import Generation, GenerationSpec, ParkedFds, notify_dir_ok, run_generation
 from ._listeners import Listener, adopt_inherited, bind_listener
 from ._systemd import SystemdNotifier, clean_worker_environ, monotonic_usec, parse_listen_fds
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -87,10 +90,9 @@ class UpgradeTicket:
 
     def publish(self, event: UpgradeEvent) -> None:
         for channel in self._subscribers:
-            try:
+            # A caller that left does not stop the others from getting the events.
+            with contextlib.suppress(trio.BrokenResourceError):
                 channel.send_nowait(event)
-            except trio.BrokenResourceError:
-                pass  # that caller left; the others still want the events
 
     def finish(self, reply: UpgradeReply) -> None:
         self.reply = reply
@@ -163,7 +165,9 @@ class Supervisor(ControlHandler):
                 WorkerInfo(
                     generation=g.number,
                     index=s.index,
-                    pid=s.process.pid if s.process is not None and s.process.returncode is None else None,
+                    pid=s.process.pid
+                    if s.process is not None and s.process.returncode is None
+                    else None,
                     state=s.state,
                     status=s.status,
                     restarts=s.restarts,
@@ -221,11 +225,15 @@ class Supervisor(ControlHandler):
             compat_environ=compat,
         )
 
-    async def _start_generation(self, loaded: LoadedConfig, listeners: Mapping[str, Listener]) -> Generation:
+    async def _start_generation(
+        self, loaded: LoadedConfig, listeners: Mapping[str, Listener]
+    ) -> Generation:
         assert self._root is not None
         spec = self._spec(loaded, listeners)
         self.next_generation += 1
-        self.systemd.send(f"EXTEND_TIMEOUT_USEC={int((spec.program.ready_timeout + _SYSTEMD_SLACK_S) * 1e6)}")
+        self.systemd.send(
+            f"EXTEND_TIMEOUT_USEC={int((spec.program.ready_timeout + _SYSTEMD_SLACK_S) * 1e6)}"
+        )
         gen: Generation = await self._root.start(run_generation, spec, self.parked)
         self._root.start_soon(self._forget_when_stopped, gen)
         return gen
@@ -252,36 +260,51 @@ class Supervisor(ControlHandler):
                         ticket.finish(self._failed(ticket, "handoffd is stopping", 0.0, []))
                 ticket.finish(reply)
 
-    def _failed(self, ticket: UpgradeTicket, reason: str, started: float, phases: list[UpgradePhase]) -> UpgradeReply:
+    def _failed(
+        self, ticket: UpgradeTicket, reason: str, started: float, phases: list[UpgradePhase]
+    ) -> UpgradeReply:
         number = self.current.number if self.current else 0
         return UpgradeReply(
-            ok=False, outcome="failed", reason=reason, generation=number, previous_generation=number,
-            duration_s=round(trio.current_time() - started, 4) if started else 0.0, phases=phases,
+            ok=False,
+            outcome="failed",
+            reason=reason,
+            generation=number,
+            previous_generation=number,
+            duration_s=round(trio.current_time() - started, 4) if started else 0.0,
+            phases=phases,
         )
 
     async def _upgrade_workers(self, ticket: UpgradeTicket) -> UpgradeReply:
         """One worker upgrade; never raises for a failure of the new generation."""
         if ticket.request.supervisor:
-            return self._failed(ticket, "self-upgrade is not supported by this handoffd yet", 0.0, [])
+            return self._failed(
+                ticket, "self-upgrade is not supported by this handoffd yet", 0.0, []
+            )
         started = trio.current_time()
         phases: list[UpgradePhase] = []
         old = self.current
 
         def phase(name: str, detail: str | None = None) -> None:
-            item = UpgradePhase(phase=name, elapsed_s=round(trio.current_time() - started, 4), detail=detail)
+            item = UpgradePhase(
+                phase=name, elapsed_s=round(trio.current_time() - started, 4), detail=detail
+            )
             phases.append(item)
             ticket.publish(UpgradeEvent(phase=name, elapsed_s=item.elapsed_s, detail=detail))
 
         self.state = "upgrading"
         self.systemd.reloading(monotonic_usec())
         new_listeners: list[Listener] = []
+        reason: str | None
         with bound_contextvars(upgrade_generation=self.next_generation):
             log.info("upgrade.started", from_generation=old.number if old else None)
             try:
                 loaded = load_config(self.loaded.path)
                 phase("config_loaded", str(loaded.path))
                 listeners, new_listeners = self._reconcile_listeners(loaded)
-                phase("spawning", f"generation {self.next_generation}, {loaded.config.program.processes} workers")
+                phase(
+                    "spawning",
+                    f"generation {self.next_generation}, {loaded.config.program.processes} workers",
+                )
                 gen = await self._start_generation(loaded, listeners)
                 phase("ready", f"generation {gen.number} pids {gen.pids()}")
             except HandoffError as exc:
@@ -296,7 +319,9 @@ class Supervisor(ControlHandler):
                     li.close()
                 reply = self._failed(ticket, reason, started, phases)
             else:
-                retired = [li for name, li in self.listeners.items() if listeners.get(name) is not li]
+                retired = [
+                    li for name, li in self.listeners.items() if listeners.get(name) is not li
+                ]
                 self.listeners = dict(listeners)
                 self.loaded = loaded
                 self.current = gen
@@ -305,25 +330,36 @@ class Supervisor(ControlHandler):
                 if old is not None:
                     self.draining.append(old)
                     old.request_drain()
-                    phase("draining", f"generation {old.number} (drain_timeout {old.spec.program.drain_timeout:g}s)")
+                    phase(
+                        "draining",
+                        f"generation {old.number} (drain_timeout {old.spec.program.drain_timeout:g}s)",
+                    )
                 if retired:
                     assert self._root is not None
                     self._root.start_soon(self._close_retired, retired, list(self.draining))
                 reply = UpgradeReply(
-                    ok=True, outcome="ok", generation=gen.number,
+                    ok=True,
+                    outcome="ok",
+                    generation=gen.number,
                     previous_generation=old.number if old else None,
-                    duration_s=round(trio.current_time() - started, 4), phases=phases,
+                    duration_s=round(trio.current_time() - started, 4),
+                    phases=phases,
                 )
             self.state = "running"
             self.last_upgrade = reply
             log.info(
-                "upgrade.finished", outcome=reply.outcome, reason=reply.reason,
-                generation=reply.generation, duration_s=reply.duration_s,
+                "upgrade.finished",
+                outcome=reply.outcome,
+                reason=reply.reason,
+                generation=reply.generation,
+                duration_s=reply.duration_s,
             )
             self.systemd.ready(self.status_text())
         return reply
 
-    def _reconcile_listeners(self, loaded: LoadedConfig) -> tuple[dict[str, Listener], list[Listener]]:
+    def _reconcile_listeners(
+        self, loaded: LoadedConfig
+    ) -> tuple[dict[str, Listener], list[Listener]]:
         """Keep listeners whose name and address are unchanged; bind the rest.
 
         Returns every listener the new config wants, and the ones newly bound (for cleanup).
@@ -355,7 +391,7 @@ class Supervisor(ControlHandler):
             self.systemd.remove_fd(li.name)
             li.close()
 
-    async def _handle_signals(self, signals: trio.abc.ReceiveChannel[int]) -> None:
+    async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 log.info("signal.received", signal="SIGHUP", action="upgrade")
@@ -366,7 +402,9 @@ class Supervisor(ControlHandler):
             elif signum == signal.SIGCHLD:
                 _reap_orphans(self._known_pids())
             elif self._stop_requested.is_set():
-                log.warning("signal.received", signal=signal.Signals(signum).name, action="kill workers now")
+                log.warning(
+                    "signal.received", signal=signal.Signals(signum).name, action="kill workers now"
+                )
                 for gen in ([self.current] if self.current else []) + self.draining:
                     for slot in gen.slots:
                         if slot.process is not None:
@@ -383,7 +421,9 @@ class Supervisor(ControlHandler):
         gens = ([self.current] if self.current else []) + self.draining
         self.state = "stopping"
         longest = max((g.spec.program.drain_timeout for g in gens), default=0.0)
-        self.systemd.stopping(f"stopping: draining generation(s) {', '.join(str(g.number) for g in gens)}")
+        self.systemd.stopping(
+            f"stopping: draining generation(s) {', '.join(str(g.number) for g in gens)}"
+        )
         self.systemd.send(f"EXTEND_TIMEOUT_USEC={int((longest + _SYSTEMD_SLACK_S) * 1e6)}")
         for gen in gens:
             gen.request_drain()
@@ -394,7 +434,11 @@ class Supervisor(ControlHandler):
 
 def _starter_address(listener: Listener) -> str:
     addr = listener.bound_address()
-    return addr.split(":", 1)[1] if addr.startswith(("unix:", "unixgram:")) else addr.removeprefix("udp://")
+    return (
+        addr.split(":", 1)[1]
+        if addr.startswith(("unix:", "unixgram:"))
+        else addr.removeprefix("udp://")
+    )
 
 
 def _reap_orphans(known: set[int]) -> None:
@@ -410,10 +454,8 @@ def _reap_orphans(known: set[int]) -> None:
     except OSError:
         return
     for pid in children - known:
-        try:
+        with suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
 
 
 def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str, Listener]:
@@ -435,8 +477,12 @@ def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str
         if config.supervisor.keep_unclaimed:
             log.info("listener.unclaimed_kept", fd=item.fd, fdname=item.name)
         else:
-            log.warning("listener.unclaimed_closed", fd=item.fd, fdname=item.name,
-                        hint="add a [[listener]] with this name, or set keep_unclaimed = true")
+            log.warning(
+                "listener.unclaimed_closed",
+                fd=item.fd,
+                fdname=item.name,
+                hint="add a [[listener]] with this name, or set keep_unclaimed = true",
+            )
             os.close(item.fd)
     result: dict[str, Listener] = {}
     with ExitStack() as cleanup_on_fail:
@@ -502,7 +548,9 @@ async def run_supervisor(
                 if config.supervisor.pid_file is not None:
                     write_pid_file(config.supervisor.pid_file)
                 log.info(
-                    "supervisor.ready", generation=sup.current.number, pids=sup.current.pids(),
+                    "supervisor.ready",
+                    generation=sup.current.number,
+                    pids=sup.current.pids(),
                     listeners={li.name: li.bound_address() for li in sup.listeners.values()},
                     control_socket=str(control_path),
                 )

@@ -7,13 +7,15 @@ sd_notify(3)).
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 
 from ._notify import notify
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -69,7 +71,9 @@ def parse_listen_fds(environ: Mapping[str, str], pid: int) -> list[InheritedFd] 
     names_value = environ.get("LISTEN_FDNAMES")
     names = names_value.split(":") if names_value else []
     return [
-        InheritedFd(fd=SD_LISTEN_FDS_START + i, name=names[i] if i < len(names) and names[i] else "unknown")
+        InheritedFd(
+            fd=SD_LISTEN_FDS_START + i, name=names[i] if i < len(names) and names[i] else "unknown"
+        )
         for i in range(count)
     ]
 

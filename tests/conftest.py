@@ -1,13 +1,16 @@
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.daemon import Daemon, pid_alive, remove_tree, short_tempdir, wait_until, write_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 
 def open_fds() -> set[int]:
@@ -43,12 +46,13 @@ def run_daemon(no_fd_leak: None) -> Iterator[Callable[..., Daemon]]:
     for daemon, base in started:
         pids: list[int] = []
         if daemon.proc.poll() is None:
-            try:
+            with contextlib.suppress(AssertionError):
                 pids = [w["pid"] for w in daemon.status()["workers"] if w["pid"]]
-            except AssertionError:
-                pass
         code = daemon.stop()
         for pid in pids:
             wait_until(lambda pid=pid: not pid_alive(pid), 10, f"worker {pid} to be gone")
         remove_tree(base)
         assert code == 0 or code is None, f"handoffd exited {code}:\n{daemon.log_text()}"
+
+
+from tests.systemd_user import systemd_user as systemd_user  # noqa: E402  the real systemd --user fixture

@@ -6,13 +6,16 @@ import json
 import os
 import signal
 import threading
-from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from bench.strict_client import LoadClient, request_once
 from tests.daemon import Daemon, pid_alive, wait_until, worker_command, write_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
 
 
 def rewrite(daemon: Daemon, **config: object) -> None:
@@ -34,7 +37,8 @@ def test_twenty_upgrades_under_load_fail_no_request(run_daemon: Callable[..., Da
             old_pids = daemon.worker_pids(generation=upgrade + 1)
             code, reply = daemon.upgrade()
             assert code == 0, reply
-            assert reply["outcome"] == "ok" and reply["generation"] == upgrade + 2
+            assert reply["outcome"] == "ok"
+            assert reply["generation"] == upgrade + 2
             for pid in old_pids:
                 wait_until(lambda pid=pid: not pid_alive(pid), 20, f"old worker {pid} to drain")
             # once the old generation is gone, every new connection is served by the new one
@@ -53,7 +57,8 @@ def test_sighup_upgrades_like_the_upgrade_command(run_daemon: Callable[..., Daem
     mark = daemon.mark()
     daemon.proc.send_signal(signal.SIGHUP)
     finished = daemon.wait_event("upgrade.finished", start=mark)
-    assert finished["outcome"] == "ok" and finished["generation"] == 2
+    assert finished["outcome"] == "ok"
+    assert finished["generation"] == 2
     assert isinstance(finished["duration_s"], float)
     assert daemon.status()["generation"] == 2
 
@@ -172,8 +177,11 @@ def test_old_generation_ignoring_sigterm_is_killed_after_drain_timeout(
     finally:
         during = client.stop()
     timed_out = daemon.wait_event("generation.drain_timed_out", start=mark, timeout=15)
-    assert timed_out["killed"] == [stubborn] and timed_out["drain_timeout"] == 3
-    exited = daemon.wait_event("worker.exited", where=lambda e: e.get("pid") == stubborn, start=mark)
+    assert timed_out["killed"] == [stubborn]
+    assert timed_out["drain_timeout"] == 3
+    exited = daemon.wait_event(
+        "worker.exited", where=lambda e: e.get("pid") == stubborn, start=mark
+    )
     assert exited["reason"] == "was killed by SIGKILL"
     assert not pid_alive(stubborn)
     after = LoadClient(daemon.address(), keepalive=2, fresh=1, max_duration=120)
@@ -184,7 +192,8 @@ def test_old_generation_ignoring_sigterm_is_killed_after_drain_timeout(
         report = after.stop()
     assert during.failed == 0, during.describe()
     assert 2 in during.by_generation, "the stubborn generation stopped serving before its kill"
-    assert report.failed == 0 and set(report.by_generation) == {3}, report.describe()
+    assert report.failed == 0, report.describe()
+    assert set(report.by_generation) == {3}, report.describe()
 
 
 def test_worker_gets_fds_exactly_as_sd_listen_fds_checks(run_daemon: Callable[..., Daemon]) -> None:
@@ -213,7 +222,9 @@ def test_crashed_worker_is_restarted(run_daemon: Callable[..., Daemon]) -> None:
     assert worker["pid"] == started["pid"]
 
 
-def test_burst_of_upgrade_requests_coalesces_into_one_follow_up(run_daemon: Callable[..., Daemon]) -> None:
+def test_burst_of_upgrade_requests_coalesces_into_one_follow_up(
+    run_daemon: Callable[..., Daemon],
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from handoff._control import UpgradeRequest, call
@@ -223,7 +234,9 @@ def test_burst_of_upgrade_requests_coalesces_into_one_follow_up(run_daemon: Call
     spawning = threading.Event()
 
     def first() -> dict[str, object]:
-        return call(sock, UpgradeRequest(), on_event=lambda e: e["phase"] == "spawning" and spawning.set())
+        return call(
+            sock, UpgradeRequest(), on_event=lambda e: e["phase"] == "spawning" and spawning.set()
+        )
 
     with ThreadPoolExecutor(max_workers=11) as pool:
         running = pool.submit(first)
@@ -270,9 +283,10 @@ def test_upgrade_reports_phases_with_timings(run_daemon: Callable[..., Daemon]) 
 def test_cli_reports_unreachable_daemon_with_exit_3(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     write_config(cfg, tmp_path / "nothing-here", command=worker_command())
-    from tests.daemon import REPO
     import subprocess
     import sys
+
+    from tests.daemon import REPO
 
     for verb in ("status", "upgrade", "stop"):
         result = subprocess.run(
@@ -291,11 +305,18 @@ def test_status_json_lists_generation_workers_listeners(
 ) -> None:
     daemon = run_daemon(processes=processes)
     status = daemon.status()
-    assert status["generation"] == 1 and status["state"] == "running"
+    assert status["generation"] == 1
+    assert status["state"] == "running"
     assert [w["state"] for w in status["workers"]] == ["ready"]
     assert status["workers"][0]["status"] == "test worker serving"
     (li,) = status["listeners"]
     assert (
-        li["name"] == "http" and li["address"].startswith("127.0.0.1:") and li["origin"] == "bound"
+        li["name"] == "http"
+    )
+    assert (
+        li["address"].startswith("127.0.0.1:")
+    )
+    assert (
+        li["origin"] == "bound"
     )
     json.dumps(status)
