@@ -1,0 +1,69 @@
+"""Fd and memory hygiene of the supervisor over many upgrades, and no zombies."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from tests.daemon import Daemon
+
+
+def supervisor_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def supervisor_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return sorted(found)
+
+
+def zombie_children(pid: int) -> list[int]:
+    zombies = []
+    for child in children(pid):
+        with open(f"/proc/{child}/stat") as s:
+            if s.read().rsplit(")", 1)[1].split()[0] == "Z":
+                zombies.append(child)
+    return zombies
+
+
+def test_200_upgrades_leave_fds_rss_and_children_where_they_started(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    from handoff._control import UpgradeRequest, call
+
+    daemon = run_daemon(processes=1)
+    pid = daemon.proc.pid
+    sock = daemon.runtime_dir / "control.sock"
+
+    def upgrades(n: int) -> None:
+        for _ in range(n):
+            reply = call(sock, UpgradeRequest(), timeout=30)
+            assert reply["ok"], reply
+
+    def settle() -> None:
+        # wait until every old generation is drained (the event the daemon logs for it)
+        generation = daemon.status()["generation"]
+        daemon.wait_event("generation.drained", where=lambda e: e["generation"] == generation - 1)
+
+    upgrades(20)  # warm up: imports, caches and allocator arenas reach their steady size
+    settle()
+    fds0, rss0 = supervisor_fds(pid), supervisor_rss_kib(pid)
+    upgrades(200)
+    settle()
+    fds1, rss1 = supervisor_fds(pid), supervisor_rss_kib(pid)
+    assert daemon.status()["generation"] == 221
+    assert fds1 == fds0, f"supervisor fds {fds0} -> {fds1}: {os.listdir(f'/proc/{pid}/fd')}"
+    assert rss1 - rss0 < 2048, f"supervisor RSS grew {rss0} -> {rss1} KiB over 200 upgrades"
+    assert zombie_children(pid) == []
+    assert children(pid) == sorted(daemon.worker_pids())
