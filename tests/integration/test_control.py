@@ -7,10 +7,13 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tests.daemon import REPO, Daemon
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
 
 
 def converse(path: Path, payload: bytes, replies: int = 1) -> list[dict[str, object]]:
@@ -54,7 +57,8 @@ def test_malformed_requests_get_error_replies_on_the_same_connection(
     codes = [r.get("error", {}).get("code") for r in replies[:5]]  # type: ignore[union-attr]
     assert codes == ["bad_json", "bad_request", "bad_version", "bad_request", "bad_request"]
     assert "explode" in replies[1]["error"]["message"]  # type: ignore[index]
-    assert replies[5]["op"] == "status" and replies[5]["generation"] == 1
+    assert replies[5]["op"] == "status"
+    assert replies[5]["generation"] == 1
     assert daemon.proc.poll() is None
 
 
@@ -81,7 +85,8 @@ def test_check_config_exit_codes(tmp_path: Path) -> None:
         cwd=REPO,
     )
     ok, ko = run(good), run(bad)
-    assert ok.returncode == 0 and "ok" in ok.stdout
+    assert ok.returncode == 0
+    assert "ok" in ok.stdout
     assert ko.returncode == 2
     assert (
         f"config {bad}: program.processes: Input should be a valid integer (got 'two')" in ko.stderr

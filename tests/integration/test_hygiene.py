@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from tests.daemon import Daemon
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tests.daemon import Daemon
 
 
 def supervisor_fds(pid: int) -> int:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from handoff._config import find_control_socket, load_config, parse_address, parse_signal
 from handoff._errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 GOOD = """
 [supervisor]
@@ -106,13 +109,13 @@ def test_parse_address_forms(text: str, kind: str, host: str, port: int, path: s
 
 @pytest.mark.parametrize("text", ["", "8080", "host:99999", "unix:relative", "unix:/" + "x" * 120])
 def test_parse_address_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected|port|path|bytes"):
         parse_address(text)
 
 
 def test_parse_signal_accepts_common_spellings() -> None:
     assert parse_signal("TERM") == parse_signal("sigterm") == signal.SIGTERM
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expected a signal name"):
         parse_signal("SIGWHAT")
 
 

@@ -10,7 +10,8 @@ from handoff._systemd import InheritedFd, clean_worker_environ, parse_listen_fds
 
 def test_parse_notify_reads_assignments_and_ignores_junk() -> None:
     msg = parse_notify(b"READY=1\nSTATUS=serving: a=b\ngarbage\n=x\nFDSTORE=1\nFDNAME=conn-7")
-    assert msg.ready and msg.fdstore
+    assert msg.ready
+    assert msg.fdstore
     assert msg.status == "serving: a=b"
     assert msg.fdname == "conn-7"
     assert not msg.stopping
