@@ -1,0 +1,178 @@
+"""How long handing over 1, 100, 1,000 and 10,000 fds takes with Put/Get, against the floor.
+
+The floor is a bare ``socket.send_fds``/``socket.recv_fds`` loop doing the same kernel work:
+the same fds in chunks of SCM_MAX_FD (253) over the same kind of socket, received with
+``MSG_CMSG_CLOEXEC``, with the chunk lists prebuilt. What remains between the two is our JSON,
+validation and bookkeeping.
+
+Each method gets its own sender process (forked before any trio loop runs) and socketpair; the
+parent times from the moment it tells the sender "go" (one byte on a pipe) until it holds the whole
+set, then closes the received fds outside the timed region. Rounds cycle through the methods so
+that noise from other processes on the box hits all of them alike. Reported: the median.
+
+Run::
+
+    .venv/bin/python bench/handoff_fds.py            # add --rounds-scale 0.2 for a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+
+import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from handoff._passing import get, get_blocking, put, put_blocking  # noqa: E402
+
+SCM_MAX_FD = 253
+SIZES = (1, 100, 1_000, 10_000)
+ROUNDS = {1: 2000, 100: 1000, 1_000: 300, 10_000: 60}
+METHODS = ("floor send_fds/recv_fds", "put_blocking/get_blocking", "trio put/get")
+
+
+def make_fds(n: int) -> list[int]:
+    fds: list[int] = []
+    while len(fds) < n:
+        r, w = os.pipe()
+        fds.append(r)
+        if len(fds) < n:
+            fds.append(w)
+        else:
+            os.close(w)
+    return fds
+
+
+def sender_child(method: str, sock: socket.socket, ctl: int, fds: list[int]) -> None:
+    named = [(f"fd{i}", fd) for i, fd in enumerate(fds)]
+    chunks = [fds[i : i + SCM_MAX_FD] for i in range(0, len(fds), SCM_MAX_FD)]
+    if method == METHODS[0]:
+        while os.read(ctl, 1) == b"g":
+            for chunk in chunks:
+                socket.send_fds(sock, [b"x"], chunk)
+    elif method == METHODS[1]:
+        while os.read(ctl, 1) == b"g":
+            put_blocking(sock, named, {"listeners": len(named)})
+    else:
+        tsock = trio.socket.from_stdlib_socket(sock)
+
+        async def loop() -> None:
+            while True:
+                await trio.lowlevel.wait_readable(ctl)
+                if os.read(ctl, 1) != b"g":
+                    return
+                await put(tsock, named, {"listeners": len(named)})
+
+        trio.run(loop)
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def receive_floor(sock: socket.socket, n: int) -> list[int]:
+    got: list[int] = []
+    while len(got) < n:
+        _, fds, _, _ = socket.recv_fds(sock, 1, SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC)
+        got += fds
+    return got
+
+
+Channel = tuple[str, socket.socket, int, int]
+
+
+def start_senders(n: int) -> list[Channel]:
+    """Fork one sender per method; outside any trio loop, since a forked child runs its own."""
+    fds = make_fds(n)
+    channels: list[Channel] = []
+    for method in METHODS:
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctl_r, ctl_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            parent_sock.close()
+            os.close(ctl_w)
+            code = 0
+            try:
+                sender_child(method, child_sock, ctl_r, fds)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            os._exit(code)
+        child_sock.close()
+        os.close(ctl_r)
+        channels.append((method, parent_sock, ctl_w, pid))
+    close_all(fds)
+    return channels
+
+
+def stop_senders(channels: list[Channel]) -> None:
+    for _method, sock, ctl_w, pid in channels:
+        os.write(ctl_w, b"q")
+        os.close(ctl_w)
+        os.waitpid(pid, 0)
+        sock.close()
+
+
+async def measure(n: int, rounds: int, channels: list[Channel]) -> dict[str, list[float]]:
+    trio_receiver = trio.socket.from_stdlib_socket(channels[2][1].dup())
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    receivers: dict[str, Callable[[], list[int]]] = {
+        METHODS[0]: lambda: receive_floor(channels[0][1], n),
+        METHODS[1]: lambda: [fd for _, fd in get_blocking(channels[1][1]).fds],
+    }
+    for _ in range(rounds):
+        for method, _sock, ctl_w, _pid in channels:
+            start = time.perf_counter()
+            os.write(ctl_w, b"g")
+            if method == METHODS[2]:
+                got = [fd for _, fd in (await get(trio_receiver)).fds]
+            else:
+                got = receivers[method]()
+            times[method].append(time.perf_counter() - start)
+            assert len(got) == n, (method, len(got))
+            close_all(got)
+    trio_receiver.close()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds-scale", type=float, default=1.0)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(
+        f"python {sys.version.split()[0]}, {os.uname().sysname} {os.uname().release}, "
+        f"{os.cpu_count()} cpus; median of N rounds, ms"
+    )
+    header = f"{'fds':>6} {'rounds':>6} " + " ".join(f"{m:>26}" for m in METHODS)
+    print(header + f" {'blocking/floor':>15} {'trio/floor':>11}")
+    for n in SIZES:
+        rounds = max(5, int(ROUNDS[n] * args.rounds_scale))
+        channels = start_senders(n)
+        try:
+            times = trio.run(measure, n, rounds, channels)
+        finally:
+            stop_senders(channels)
+        medians = [statistics.median(times[m]) * 1e3 for m in METHODS]
+        cells = " ".join(f"{v:>26.3f}" for v in medians)
+        print(
+            f"{n:>6} {rounds:>6} {cells} {medians[1] / medians[0]:>15.2f}x"
+            f" {medians[2] / medians[0]:>10.2f}x",
+            flush=True,
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+if __name__ == "__main__":
+    main()
