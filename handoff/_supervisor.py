@@ -50,7 +50,13 @@ from ._control import (
 from ._errors import HandoffError, ListenerError, SpawnError
 from ._generation import Generation, GenerationSpec, ParkedFds, notify_dir_ok, run_generation
 from ._listeners import Listener, adopt_inherited, bind_listener
-from ._systemd import SystemdNotifier, clean_worker_environ, monotonic_usec, parse_listen_fds
+from ._systemd import (
+    InheritedFd,
+    SystemdNotifier,
+    clean_worker_environ,
+    monotonic_usec,
+    parse_listen_fds,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -424,7 +430,7 @@ class Supervisor(ControlHandler):
         self.systemd.stopping(
             f"stopping: draining generation(s) {', '.join(str(g.number) for g in gens)}"
         )
-        self.systemd.send(f"EXTEND_TIMEOUT_USEC={int((longest + _SYSTEMD_SLACK_S) * 1e6)}")
+        self.systemd.extend_timeout(longest + _SYSTEMD_SLACK_S)
         for gen in gens:
             gen.request_drain()
         with trio.move_on_after(longest + _REAP_GRACE_S):
@@ -472,7 +478,7 @@ def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str
             pid=os.getpid(),
             reason="LISTEN_PID names another process",
         )
-    claimed, unclaimed = adopt_inherited(config.listener, inherited or [])
+    claimed, unclaimed = adopt_inherited(config.listener, _without_duplicates(inherited or []))
     for item in unclaimed:
         if config.supervisor.keep_unclaimed:
             log.info("listener.unclaimed_kept", fd=item.fd, fdname=item.name)
@@ -497,6 +503,25 @@ def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str
             result[lc.name] = listener
         cleanup_on_fail.pop_all()
     return result
+
+
+def _without_duplicates(inherited: list[InheritedFd]) -> list[InheritedFd]:
+    """Drop (and close) fds that are another copy of an earlier one.
+
+    With a .socket unit and the fd store together, systemd can pass the same socket twice
+    (the socket unit's fd and the stored copy) after a restart.
+    """
+    seen: set[tuple[int, int]] = set()
+    unique: list[InheritedFd] = []
+    for item in inherited:
+        st = os.fstat(item.fd)
+        if (st.st_dev, st.st_ino) in seen:
+            log.info("listener.duplicate_closed", fd=item.fd, fdname=item.name)
+            os.close(item.fd)
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        unique.append(item)
+    return unique
 
 
 def write_pid_file(path: Path) -> None:
@@ -540,6 +565,7 @@ async def run_supervisor(
                 sup._root = root
                 await root.start(serve_control, control, sup, allowed)
                 root.start_soon(sup._handle_signals, signals)
+                root.start_soon(sup.systemd.run_watchdog)
                 try:
                     sup.current = await sup._start_generation(loaded, sup.listeners)
                 except SpawnError as exc:

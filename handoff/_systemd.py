@@ -6,11 +6,13 @@ sd_notify(3)).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
+import trio
 
 from ._notify import notify
 
@@ -88,6 +90,7 @@ class SystemdNotifier:
 
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = {k: environ[k] for k in ("NOTIFY_SOCKET",) if k in environ}
+        self.watchdog_interval = watchdog_interval(environ, os.getpid())
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +122,36 @@ class SystemdNotifier:
 
     def remove_fd(self, name: str) -> None:
         self.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for more time than TimeoutStartSec=/TimeoutStopSec= while a long phase runs."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
+    async def run_watchdog(self) -> None:
+        """Send ``WATCHDOG=1`` every ``WATCHDOG_USEC/2`` until cancelled (sd_watchdog_enabled(3)).
+
+        Without ``WatchdogSec=`` this returns at once, so an idle handoffd has no timer at all.
+        """
+        if self.watchdog_interval is None:
+            return
+        while True:
+            self.send("WATCHDOG=1")
+            await trio.sleep(self.watchdog_interval)
+
+
+def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of ``WATCHDOG_USEC``, as sd_watchdog_enabled(3)
+    advises, or None when no watchdog is set for this pid (``WATCHDOG_PID`` names another)."""
+    usec = environ.get("WATCHDOG_USEC")
+    owner = environ.get("WATCHDOG_PID")
+    if not usec or (owner and owner != str(pid)):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        log.warning("systemd.watchdog_ignored", watchdog_usec=usec, reason="not a number")
+        return None
+    return value / 2 / 1_000_000 if value > 0 else None
 
 
 def clean_worker_environ(environ: Mapping[str, str]) -> dict[str, str]:
