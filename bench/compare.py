@@ -59,6 +59,7 @@ WRK_CONNECTIONS = 32
 STRICT_KEEPALIVE = 4
 STRICT_FRESH = 2
 
+STOP_NOTE = "after the load ended and a stop request"
 SECTION_BEGIN = "<!-- bench.compare:begin -->"
 SECTION_END = "<!-- bench.compare:end -->"
 
@@ -220,6 +221,8 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             peer.stop()
         return result
     url = f"http://{peer.address[0]}:{peer.address[1]}/"
+    phases: dict[str, float] = {}
+    ctx = Context(peer, time.monotonic(), duration)
     try:
         with QueueSampler(peer.address[1]) as sampler:
             client = LoadClient(peer.address, keepalive=STRICT_KEEPALIVE, fresh=STRICT_FRESH,
@@ -230,12 +233,15 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
             client.start()
-            ctx = Context(peer, time.monotonic(), duration)
+            ctx.t0 = time.monotonic()
             action = threading.Thread(target=scenario.action, args=(ctx,), daemon=True)
             action.start()
             wrk_out, _ = wrk.communicate(timeout=duration + 60)
+            phases = {"load": time.monotonic() - ctx.t0}
             action.join(timeout=60)
+            phases["reloads_done"] = time.monotonic() - ctx.t0
             report = client.stop()
+            phases["client_stopped"] = time.monotonic() - ctx.t0
             # A reload still blocked when the load ended (start_server --restart on a broken
             # version) is not waited for: the peer is stopped below, which ends it.
     finally:
@@ -244,6 +250,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             peer.stop()
         except Exception as exc:
             peer_stop_error = f"{type(exc).__name__}: {exc}"
+        phases["peer_stopped"] = time.monotonic() - ctx.t0
     wrk_data = parse_wrk(wrk_out)
     responses = sorted(report.responses)
     for rec in ctx.records:
@@ -273,6 +280,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
                 "by_generation": {str(k): v for k, v in sorted(report.by_generation.items(), key=str)},
                 "reconnects_on_close": report.reconnects_on_close,
             },
+            "phases_s": {k: round(v, 3) for k, v in phases.items()},
             "recv_q_peak": sampler.peak,
             "recv_q_samples": sampler.samples,
             "reloads": [
@@ -295,6 +303,8 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
         result["responses_after_broken_reload_by_generation"] = after_broken
     if peer_stop_error:
         result["stop_error"] = peer_stop_error
+    if peer.killed:
+        result["stop_killed"] = peer.killed
     return result
 
 
@@ -473,6 +483,17 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [f"### {sc.title}", "", HEADER]
         for r in data["scenarios"][sc.key]:
             lines.append(render_row(r) if "n/a" not in r else f"| {r['peer']} | n/a: {r['n/a']} |" + " |" * 9)
+        notes = []
+        for r in data["scenarios"][sc.key]:
+            if r.get("stop_killed"):
+                notes.append(f"- {r['peer']}: still running {STOP_NOTE}, SIGKILLed: {'; '.join(r['stop_killed'])[:300]}")
+            if r.get("stop_error"):
+                notes.append(f"- {r['peer']}: stop failed: {r['stop_error'][:200]}")
+            bad = [x for x in r.get("reloads", []) if x["reported"] in ("error", "failed") and sc.key != "broken"]
+            for x in bad[:3]:
+                notes.append(f"- {r['peer']}: {x['kind']} at {x['at_s']} s: {x['reported']}: {x['detail'][:200]}")
+        if notes:
+            lines += ["", "Notes:", "", *notes]
         if sc.key == "broken":
             lines += ["", "Responses after the broken reload, by generation (1 = old version kept serving):", ""]
             for r in data["scenarios"][sc.key]:
@@ -601,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     md = render_markdown(data)
     if args.no_write:
+        (workroot / "last.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(md)
     else:
         args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -35,8 +35,9 @@ LAUNCH = APPS / "launch.py"
 VENV_BIN = Path(sys.executable).parent
 # A peer must serve this soon after start() (the slow version needs 2 s).
 START_TIMEOUT = 30.0
-# A peer's stop (drain included) may take this long before its session is killed.
-STOP_TIMEOUT = 30.0
+# A peer's stop may take this long before its session is killed. The load has ended by then,
+# so a drain has nothing left to wait for; a peer still running after this is stuck.
+STOP_TIMEOUT = 10.0
 # The longest any reload command may block before the harness gives up on it.
 RELOAD_TIMEOUT = 40.0
 
@@ -82,7 +83,7 @@ def wait_serving(address: tuple[str, int], timeout: float, generation: int | Non
 
 
 def run_command(cmd: list[str], timeout: float = RELOAD_TIMEOUT, **kwargs: object) -> tuple[int | None, str]:
-    """Run a control command; returns (exit code or None on timeout, combined output tail)."""
+    """Run a control command; returns (exit code or None on timeout, combined output)."""
     try:
         proc = subprocess.run(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False,
@@ -90,8 +91,8 @@ def run_command(cmd: list[str], timeout: float = RELOAD_TIMEOUT, **kwargs: objec
         )
     except subprocess.TimeoutExpired as exc:
         out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
-        return None, out[-500:]
-    return proc.returncode, proc.stdout[-500:]
+        return None, out
+    return proc.returncode, proc.stdout
 
 
 @dataclass
@@ -111,6 +112,8 @@ class Peer:
     address: tuple[str, int] = ("127.0.0.1", 0)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     pgids: list[int] = field(default_factory=list)
+    # Processes stop() had to SIGKILL after STOP_TIMEOUT: a peer that does not stop cleanly.
+    killed: list[str] = field(default_factory=list)
 
     # -- availability ---------------------------------------------------------------------
     @classmethod
@@ -160,12 +163,15 @@ class Peer:
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                self.killed.append(f"{proc.pid} {proc.args}")
                 proc.kill()
                 proc.wait()
         # Anything still in one of our sessions' process groups (re-parented children).
         for pgid in self.pgids:
             while group_alive(pgid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+            for pid in group_alive(pgid):
+                self.killed.append(f"{pid} {_cmdline(pid)}")
             if group_alive(pgid):
                 try:
                     os.killpg(pgid, signal.SIGKILL)
@@ -196,6 +202,14 @@ def group_alive(pgid: int) -> list[int]:
         if fields and fields[0] != "Z" and int(fields[2]) == pgid:
             pids.append(int(entry))
     return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return "?"
 
 
 def which(name: str) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import ClassVar
@@ -39,8 +40,22 @@ class GunicornPeer(Peer):
         return str(self.workdir / "gunicorn.pid")
 
     def master_pid(self) -> int:
-        with open(self.pidfile, encoding="ascii") as f:
-            return int(f.read().strip())
+        """The newest master: gunicorn 27 writes a USR2-started master's pid to ``PIDFILE.2``."""
+        for path in (self.pidfile + ".2", self.pidfile):
+            try:
+                with open(path, encoding="ascii") as f:
+                    return int(f.read().strip())
+            except (FileNotFoundError, ValueError):
+                continue
+        raise FileNotFoundError(self.pidfile)
+
+    @staticmethod
+    def extra_flags() -> list[str]:
+        # gunicorn >= 27 opens a control socket in ~/.gunicorn by default, shared by every
+        # instance of the user; the benchmark does not use it.
+        help_text = subprocess.run([str(which("gunicorn")), "--help"], capture_output=True, text=True,
+                                   check=False, timeout=30).stdout
+        return ["--no-control-socket"] if "--no-control-socket" in help_text else []
 
     def start(self) -> None:
         port = free_port()
@@ -50,6 +65,7 @@ class GunicornPeer(Peer):
                 str(which("gunicorn")), "--workers", "2", "--worker-class", "sync",
                 "--bind", f"127.0.0.1:{port}", "--backlog", "1024", "--pid", self.pidfile,
                 "--chdir", str(APPS), "--graceful-timeout", "20", "--log-level", "warning",
+                *self.extra_flags(),
                 "wsgi:app",
             ],
             "gunicorn.log",
@@ -83,10 +99,12 @@ class GunicornPeer(Peer):
         return ReloadOutcome("none", "USR2, then WINCH+TERM to the old master once the new workers served")
 
     def stop(self) -> None:
-        try:
-            os.kill(self.master_pid(), signal.SIGTERM)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
+        for path in (self.pidfile + ".2", self.pidfile):
+            try:
+                with open(path, encoding="ascii") as f:
+                    os.kill(int(f.read().strip()), signal.SIGTERM)
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                pass
         super().stop()
 
 
