@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal, final
 
 import structlog
 import trio
-from structlog.contextvars import bound_contextvars
+from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import SpawnError
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
@@ -168,6 +168,9 @@ async def run_generation(
     """
     gen = Generation(spec, parked)
     failure: str | None = None
+    # A task root: trio gave this task a copy of the starting upgrade's logging context, whose
+    # bindings would label this generation's lines for its whole life. Start clean.
+    clear_contextvars()
     with bound_contextvars(generation=spec.number):
         try:
             async with trio.open_nursery() as nursery:
