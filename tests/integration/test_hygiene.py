@@ -89,7 +89,6 @@ def test_idle_supervisor_makes_no_wakeups(run_daemon: Callable[..., Daemon]) -> 
 
     daemon = run_daemon(processes=1)
     pid = daemon.proc.pid
-    daemon.status()  # settle the control connection's own wakeups first
     before = context_switches(pid)
     time.sleep(2.0)
     after = context_switches(pid)
