@@ -25,13 +25,16 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from handoff._passing import get, get_blocking, put, put_blocking  # noqa: E402
+from handoff._passing import get, get_blocking, put, put_blocking
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SCM_MAX_FD = 253
 SIZES = (1, 100, 1_000, 10_000)
