@@ -37,7 +37,7 @@ VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT = 30.0
 # A peer's stop may take this long before its session is killed. The load has ended by then,
 # so a drain has nothing left to wait for; a peer still running after this is stuck.
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 6.0
 # The longest any reload command may block before the harness gives up on it.
 RELOAD_TIMEOUT = 40.0
 

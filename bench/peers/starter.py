@@ -29,7 +29,7 @@ from bench.peers import (
 )
 
 # How long --restart may block; longer than a healthy reload (interval 1 s + 1 s status poll).
-RESTART_TIMEOUT = 15.0
+RESTART_TIMEOUT = 8.0
 
 
 class StarterPeer(Peer):
