@@ -394,7 +394,7 @@ class Supervisor(ControlHandler):
             await gen.stopped.wait()
         for li in retired:
             log.info("listener.closed", listener=li.name, address=li.bound_address())
-            self.systemd.remove_fd(li.name)
+            self.systemd.remove_fd(li.name, li.fd)
             li.close()
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
@@ -464,8 +464,15 @@ def _reap_orphans(known: set[int]) -> None:
             os.waitpid(pid, os.WNOHANG)
 
 
-def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str, Listener]:
-    """Inherit what the service manager passed (by name, then by address), bind the rest."""
+def open_listeners(
+    loaded: LoadedConfig, environ: Mapping[str, str], systemd: SystemdNotifier | None = None
+) -> dict[str, Listener]:
+    """Inherit what the service manager passed (by name, then by address), bind the rest.
+
+    An unclaimed fd that is closed is also removed from systemd's fd store: after a crash the
+    store may still hold a listener that an upgrade dropped, and it would stay bound (accepting
+    into a queue nobody serves) for as long as the unit runs.
+    """
     config = loaded.config
     try:
         inherited = parse_listen_fds(environ, os.getpid())
@@ -490,6 +497,8 @@ def open_listeners(loaded: LoadedConfig, environ: Mapping[str, str]) -> dict[str
                 hint="add a [[listener]] with this name, or set keep_unclaimed = true",
             )
             os.close(item.fd)
+            if systemd is not None:
+                systemd.remove_fd(item.name)
     result: dict[str, Listener] = {}
     with ExitStack() as cleanup_on_fail:
         for li in claimed.values():
@@ -554,7 +563,7 @@ async def run_supervisor(
     if os.getpid() == 1:
         signals_wanted.append(signal.SIGCHLD)
     with trio.open_signal_receiver(*signals_wanted) as signals:
-        sup.listeners = open_listeners(loaded, environ)
+        sup.listeners = open_listeners(loaded, environ, sup.systemd)
         control_inode: int | None = None
         try:
             for li in sup.listeners.values():

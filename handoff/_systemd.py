@@ -91,6 +91,10 @@ class SystemdNotifier:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self._environ = {k: environ[k] for k in ("NOTIFY_SOCKET",) if k in environ}
         self.watchdog_interval = watchdog_interval(environ, os.getpid())
+        # The socket (st_dev, st_ino) we last stored under each name: FDSTOREREMOVE=1 removes
+        # *every* fd of a name (sd_pid_notify_with_fds(3)), so a listener replaced under the
+        # same name must not be removed after its successor was stored.
+        self._stored: dict[str, tuple[int, int]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -118,9 +122,28 @@ class SystemdNotifier:
         self.send(f"STOPPING=1\nSTATUS={status}")
 
     def store_fd(self, name: str, fd: int) -> None:
+        """Put ``fd`` in the fd store as ``name`` (FileDescriptorStoreMax= must allow it).
+
+        If another socket is stored under ``name`` (a listener whose address changed), it is
+        removed first: systemd would otherwise hand both back after a restart.
+        """
+        identity = _identity(fd)
+        previous = self._stored.get(name)
+        if previous is not None and previous != identity:
+            self.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        self._stored[name] = identity
         self.send(f"FDSTORE=1\nFDNAME={name}", (fd,))
 
-    def remove_fd(self, name: str) -> None:
+    def remove_fd(self, name: str, fd: int | None = None) -> None:
+        """Remove what is stored as ``name``; with ``fd``, only if that socket is what it holds.
+
+        A listener that left the config is removed once its last generation stopped; by then a
+        new listener may have been stored under the same name, which must stay.
+        """
+        if fd is not None and self._stored.get(name, _identity(fd)) != _identity(fd):
+            log.debug("systemd.fdstore_kept", fdname=name, reason="a newer socket has the name")
+            return
+        self._stored.pop(name, None)
         self.send(f"FDSTOREREMOVE=1\nFDNAME={name}")
 
     def extend_timeout(self, seconds: float) -> None:
@@ -152,6 +175,11 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
         log.warning("systemd.watchdog_ignored", watchdog_usec=usec, reason="not a number")
         return None
     return value / 2 / 1_000_000 if value > 0 else None
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def clean_worker_environ(environ: Mapping[str, str]) -> dict[str, str]:
