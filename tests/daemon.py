@@ -70,7 +70,15 @@ def write_config(
 class Daemon:
     """A handoffd process with its config, logs and CLI."""
 
-    def __init__(self, config: Path, runtime_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        runtime_dir: Path,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+    ) -> None:
+        """Start ``handoffd run``; ``wrap`` is a command line it runs under (say
+        ``systemd-socket-activate -l ...``), which must exec it in the end."""
         self.config = config
         self.runtime_dir = runtime_dir
         self.events: list[dict[str, Any]] = []
@@ -83,6 +91,7 @@ class Daemon:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [
+                *(wrap or []),
                 sys.executable,
                 "-m",
                 "handoff",

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
+import socket
 import subprocess
 import textwrap
 import time
@@ -54,6 +56,29 @@ TEST_PYTHON: Final = Path(
 #: Upper bound for one harness or systemctl call; a hung manager must fail the test, not CI.
 CALL_TIMEOUT: Final = 30.0
 SETUP_HINT: Final = "run scripts/setup-systemd-tests.sh as root"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that could be bound a moment ago, for tools that cannot bind 0.
+
+    Picked below the ephemeral range (``ip_local_port_range``): on a busy box every ephemeral port
+    can be the local end of some client's TIME_WAIT, and a TIME_WAIT left by a socket without
+    SO_REUSEADDR blocks bind() even with SO_REUSEADDR, so "bind 0, close, reuse" fails there.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no bindable port found in 10000..{low}")
 
 
 def cgroup2_root() -> Path:
