@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -27,8 +28,22 @@ def fresh_request_generation(daemon: Daemon) -> int | None:
     return request_once(daemon.address()).generation
 
 
-def test_twenty_upgrades_under_load_fail_no_request(run_daemon: Callable[..., Daemon]) -> None:
-    daemon = run_daemon(processes=2)
+DEMO = [sys.executable, "-m", "handoff.demo"]
+
+
+@pytest.mark.parametrize(
+    ("delivery", "command"),
+    [
+        ("listen_fds", None),  # a plain worker reading LISTEN_FDS by hand (no handoff library)
+        ("listen_fds", DEMO),  # the demo worker: trio, handoff.listeners(), graceful drain
+        ("scm_rights", DEMO),  # the fd set over SCM_RIGHTS on HANDOFF_FD
+    ],
+    ids=["listen_fds-plain", "listen_fds-demo", "scm_rights-demo"],
+)
+def test_twenty_upgrades_under_load_fail_no_request(
+    run_daemon: Callable[..., Daemon], delivery: str, command: list[str] | None
+) -> None:
+    daemon = run_daemon(processes=2, command=command, extra_program=f'fd_delivery = "{delivery}"')
     client = LoadClient(daemon.address(), keepalive=4, fresh=2, max_duration=300)
     client.start()
     try:
@@ -310,13 +325,7 @@ def test_status_json_lists_generation_workers_listeners(
     assert [w["state"] for w in status["workers"]] == ["ready"]
     assert status["workers"][0]["status"] == "test worker serving"
     (li,) = status["listeners"]
-    assert (
-        li["name"] == "http"
-    )
-    assert (
-        li["address"].startswith("127.0.0.1:")
-    )
-    assert (
-        li["origin"] == "bound"
-    )
+    assert li["name"] == "http"
+    assert li["address"].startswith("127.0.0.1:")
+    assert li["origin"] == "bound"
     json.dumps(status)
