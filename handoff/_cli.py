@@ -13,12 +13,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import trio
-
-from ._config import find_control_socket, load_config
-from ._control import StatusRequest, StopRequest, UpgradeRequest, call
+from ._client import call
 from ._errors import EXIT_OK, EXIT_UPGRADE_FAILED, EXIT_USAGE, HandoffError
-from ._logs import configure_logging
+from ._paths import find_control_socket
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -98,6 +95,12 @@ def _print_json(value: object) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Imported here: client commands must not pay for trio, structlog and pydantic.
+    import trio
+
+    from ._config import load_config
+    from ._logs import configure_logging
+
     fmt = args.log_format
     configure_logging(json=None if fmt == "auto" else fmt == "json")
     from ._supervisor import run_supervisor
@@ -108,6 +111,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from ._config import load_config
+
     loaded = load_config(args.path)
     cfg = loaded.config
     print(
@@ -130,7 +135,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    request = UpgradeRequest(supervisor=args.supervisor, exec_path=args.exec_path)
+    request = {"op": "upgrade", "supervisor": args.supervisor, "exec_path": args.exec_path}
     reply = call(path, request, on_event=on_event, timeout=args.timeout)
     if args.json:
         _print_json(reply)
@@ -150,7 +155,7 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    reply = call(_socket_path(args), StatusRequest(), timeout=10)
+    reply = call(_socket_path(args), {"op": "status"}, timeout=10)
     if args.json:
         _print_json(reply)
         return EXIT_OK
@@ -182,7 +187,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     if not args.json:
         print("handoffd is stopping: draining workers", flush=True)
-    call(path, StopRequest(), timeout=10, wait_closed=not args.no_wait)
+    call(path, {"op": "stop"}, timeout=10, wait_closed=not args.no_wait)
     if not args.json and not args.no_wait:
         print("handoffd stopped")
     return EXIT_OK

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Annotated, Literal, final
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._errors import ConfigError
+from ._paths import control_socket_for, runtime_dir_for
+from ._paths import find_control_socket as find_control_socket
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -132,6 +134,9 @@ class SupervisorConfig(_Model):
     keep_unclaimed: bool = False
     restart_backoff_initial: _PositiveSeconds = 0.5
     restart_backoff_max: _PositiveSeconds = 30.0
+    # How long the old supervisor waits for its successor to take over during a self-upgrade
+    # (``handoffd upgrade --self``) before it kills it and carries on.
+    self_upgrade_timeout: _PositiveSeconds = 30.0
 
 
 @final
@@ -325,50 +330,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
 
 
 def resolve_runtime_dir(supervisor: SupervisorConfig, environ: Mapping[str, str]) -> Path:
-    """Where the control socket and notify sockets live.
-
-    The config's ``runtime_dir`` wins; then systemd's ``RUNTIME_DIRECTORY`` (RuntimeDirectory=);
-    then ``/run/handoffd`` for root and ``$XDG_RUNTIME_DIR/handoffd`` (or ``/tmp/handoffd-UID``) for
-    other users.
-    """
-    if supervisor.runtime_dir is not None:
-        return supervisor.runtime_dir
-    if environ.get("RUNTIME_DIRECTORY"):
-        return Path(environ["RUNTIME_DIRECTORY"].split(":")[0])
-    if os.getuid() == 0:
-        return Path("/run/handoffd")
-    if environ.get("XDG_RUNTIME_DIR"):
-        return Path(environ["XDG_RUNTIME_DIR"]) / "handoffd"
-    return Path(f"/tmp/handoffd-{os.getuid()}")
+    """Where the control socket and notify sockets live (see ``_paths.runtime_dir_for``)."""
+    return runtime_dir_for(supervisor.runtime_dir, environ)
 
 
 def control_socket_path(supervisor: SupervisorConfig, environ: Mapping[str, str]) -> Path:
     """The control socket: ``supervisor.control_socket`` or ``RUNTIME_DIR/control.sock``."""
-    if supervisor.control_socket is not None:
-        return supervisor.control_socket
-    return resolve_runtime_dir(supervisor, environ) / "control.sock"
-
-
-def find_control_socket(path: Path, environ: Mapping[str, str]) -> Path:
-    """The control socket named by the config at ``path``, read leniently.
-
-    Only ``supervisor.runtime_dir`` and ``supervisor.control_socket`` are looked at, so that a
-    config the operator just broke still lets ``handoffd upgrade`` reach the running daemon,
-    which then reports the config error as the reason the upgrade failed.
-    """
-    path = path.absolute()
-    wanted: dict[str, Path] = {}
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-        raw = {}
-    section = raw.get("supervisor")
-    if isinstance(section, dict):
-        for key in ("runtime_dir", "control_socket"):
-            value = section.get(key)
-            if isinstance(value, str):
-                wanted[key] = path.parent / value
-    supervisor = SupervisorConfig(
-        runtime_dir=wanted.get("runtime_dir"), control_socket=wanted.get("control_socket")
-    )
-    return control_socket_path(supervisor, environ)
+    return control_socket_for(supervisor.control_socket, supervisor.runtime_dir, environ)

@@ -25,7 +25,7 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from ._errors import DaemonUnreachableError, ProtocolError
+from . import _client
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -282,7 +282,7 @@ async def _dispatch(line: bytes, stream: trio.SocketStream, handler: ControlHand
         await stream.send_all(reply.model_dump_json().encode() + b"\n")
 
 
-# ---- client (blocking: the CLI has no event loop of its own) ----
+# ---- client ----
 
 
 def call(
@@ -293,58 +293,11 @@ def call(
     timeout: float | None = None,
     wait_closed: bool = False,
 ) -> dict[str, object]:
-    """Send one request and return the final reply as a dict.
-
-    With ``wait_closed`` (for ``stop``), also wait until the daemon closes the connection,
-    which it does only as it exits.
-
-    Raises:
-        DaemonUnreachableError: nothing answers at ``path``.
-        ProtocolError: the daemon answered something that is not a reply.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
-    try:
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError) as exc:
-            raise DaemonUnreachableError(
-                f"no handoffd is listening on {path} ({exc.strerror}); is it running with this "
-                "config? Start it with `handoffd run --config PATH`"
-            ) from exc
-        except PermissionError as exc:
-            raise DaemonUnreachableError(
-                f"cannot connect to {path}: permission denied; run as the user handoffd runs as "
-                "(or root)"
-            ) from exc
-        sock.sendall(request.model_dump_json().encode() + b"\n")
-        reader = sock.makefile("rb")
-        while True:
-            line = reader.readline(MAX_LINE * 16)
-            if not line:
-                raise DaemonUnreachableError(
-                    f"handoffd at {path} closed the connection before replying (did it stop?)"
-                )
-            try:
-                message = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProtocolError(
-                    f"handoffd at {path} sent a line that is not JSON: {line[:200]!r}"
-                ) from exc
-            if not isinstance(message, dict):
-                raise ProtocolError(f"handoffd at {path} sent {message!r}, not an object")
-            if "event" in message:
-                if on_event is not None:
-                    on_event(message)
-                continue
-            if wait_closed:
-                sock.settimeout(None)
-                while reader.read(65536):
-                    pass
-            return message
-    except TimeoutError as exc:
-        raise DaemonUnreachableError(
-            f"handoffd at {path} did not answer within {timeout}s"
-        ) from exc
-    finally:
-        sock.close()
+    """Send one request model and return the final reply (see ``_client.call``)."""
+    return _client.call(
+        path,
+        request.model_dump(),
+        on_event=on_event,
+        timeout=timeout,
+        wait_closed=wait_closed,
+    )
