@@ -162,9 +162,10 @@ def act_none(ctx: Context) -> None:
 SCENARIOS = [
     # --quick: 10 s, so that 7 peers × 5 scenarios fit in 3 minutes; --healthy-seconds overrides.
     Scenario("healthy", "1. Healthy upgrades, one per second", 10.0, 60.0, act_healthy),
-    Scenario("slow", "2. Slow-starting new version (2 s before it can serve)", 4.5, 10.0, act_slow),
-    Scenario("broken", "3. Broken new version (exits 1 at start-up)", 3.5, 10.0, act_broken),
-    Scenario("self", "4. Self-upgrade of the supervisor, then one reload", 4.5, 10.0, act_self),
+    # Whole seconds: wrk's -d takes no fractions.
+    Scenario("slow", "2. Slow-starting new version (2 s before it can serve)", 4.0, 10.0, act_slow),
+    Scenario("broken", "3. Broken new version (exits 1 at start-up)", 3.0, 10.0, act_broken),
+    Scenario("self", "4. Self-upgrade of the supervisor, then one reload", 5.0, 10.0, act_self),
     Scenario("steady", "5. Steady state, no reloads", 4.0, 15.0, act_none),
 ]
 
@@ -232,7 +233,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             client = LoadClient(peer.address, keepalive=STRICT_KEEPALIVE, fresh=STRICT_FRESH,
                                 max_duration=duration + 60, timeout=STRICT_TIMEOUT)
             wrk = subprocess.Popen(
-                ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration:g}s", "--timeout", "10s",
+                ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{round(duration)}s", "--timeout", "10s",
                  "-s", str(WRK_LUA), url],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             )
