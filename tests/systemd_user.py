@@ -213,6 +213,14 @@ class SystemdUser:
         (dropin / "user-manager.conf").chmod(0o644)
         return self.write_unit(name, text)
 
+    def install_shipped_socket(self, name: str, *, listen: str) -> Path:
+        """Install ``deploy/NAME`` (a .socket unit) as shipped, listening on ``listen`` instead of
+        its ``ListenStream=8080``."""
+        text = (REPO / "deploy" / name).read_text()
+        shipped = "ListenStream=8080\n"
+        assert text.count(shipped) == 1, f"deploy/{name} no longer has one {shipped!r}"
+        return self.write_unit(name, text.replace(shipped, f"ListenStream={listen}\n"))
+
     def require_python(self) -> Path:
         """The interpreter for services; skips the test when it is not set up for sdtest."""
         probe = self.as_user(
