@@ -118,7 +118,8 @@ def test_harness_down_kills_services_and_removes_its_cgroup_and_files() -> None:
     assert not (cgroup2_root() / f"sdh-{name}").exists()
 
 
-# Stands in for the handoffd CLI (phase 2 replaces it with the real one): `run` is a Type=notify
+# Stands in for the handoffd CLI to probe the sandbox the shipped unit sets up (the real handoffd
+# under the shipped unit is in test_systemd_service.py): `run` is a Type=notify
 # daemon that records what the sandbox lets it do; `upgrade` records its argv and exits with the
 # code in $SDH_STATE/upgrade_exit, as `handoffd upgrade` reports a failed upgrade with 1.
 FAKE_HANDOFFD = """\

@@ -338,3 +338,28 @@ def test_socket_unit_activates_handoffd_which_takes_the_socket_by_name(
         "listener.duplicate_closed"
     ]
     assert_no_refusal_and_no_failure(report)
+
+
+def test_watchdog_sec_is_fed_by_handoffd_and_never_fires(service: HandoffdService) -> None:
+    manager = service.manager
+    dropin = manager.units / f"{UNIT}.d" / "watchdog.conf"
+    dropin.write_text("[Service]\nWatchdogSec=1s\n")
+    dropin.chmod(0o644)
+    manager.ctl("daemon-reload")
+    manager.ctl("start", UNIT)
+    assert manager.prop(UNIT, "WatchdogUSec") == "1s"
+
+    # systemd stamps every WATCHDOG=1 it accepts; see it move three times (pings every 0.5 s)
+    stamps: set[int] = set()
+
+    def seen_three_pings() -> bool:
+        stamps.add(int(manager.prop(UNIT, "WatchdogTimestampMonotonic")))
+        return len(stamps - {0}) >= 3
+
+    wait_until(seen_three_pings, DEADLINE, "three distinct watchdog timestamps")
+    assert service.props("NRestarts", "ActiveState", "MainPID") == {
+        "NRestarts": "0",
+        "ActiveState": "active",
+        "MainPID": str(service.status()["pid"]),
+    }
+    assert "Watchdog timeout" not in manager.log()
