@@ -46,12 +46,15 @@ def notify(
     fds: Sequence[int] = (),
     *,
     environ: Mapping[str, str] | None = None,
+    block: bool = True,
 ) -> bool:
     """Send one sd_notify datagram to ``$NOTIFY_SOCKET``.
 
     Returns False, sending nothing, when ``NOTIFY_SOCKET`` is unset: that is a process not run
     under systemd or handoffd, for which readiness is meaningless. Raises ``OSError`` when the
-    socket is set but the message cannot be delivered.
+    socket is set but the message cannot be delivered; with ``block=False`` a receiver whose
+    queue is full raises ``BlockingIOError`` instead of stalling the caller (an event loop must
+    never wait on its service manager).
 
     Example::
 
@@ -65,7 +68,8 @@ def notify(
         ancillary = []
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        sock.sendmsg([message.encode()], ancillary, 0, notify_address(target))
+        flags = 0 if block else socket.MSG_DONTWAIT
+        sock.sendmsg([message.encode()], ancillary, flags, notify_address(target))
     return True
 
 

@@ -101,11 +101,12 @@ class SystemdNotifier:
         return bool(self._environ.get("NOTIFY_SOCKET"))
 
     def send(self, message: str, fds: tuple[int, ...] = ()) -> None:
-        """Send, logging (never raising) when systemd's socket is gone: serving matters more."""
+        """Send without blocking, logging (never raising) when systemd's socket is gone or full:
+        serving matters more than telling systemd about it."""
         if not self.enabled:
             return
         try:
-            notify(message, fds, environ=self._environ)
+            notify(message, fds, environ=self._environ, block=False)
         except OSError as exc:
             log.warning("systemd.notify_failed", message=message.split("\n")[0], error=str(exc))
 
