@@ -149,11 +149,14 @@ def spawn_worker(
     fds: Sequence[int],
     set_listen_pid: bool,
     cwd: Path | None = None,
+    own_process_group: bool = True,
 ) -> WorkerProcess:
     """Start ``command`` with ``fds`` at 3, 4, ... and return it as a pidfd-backed process.
 
     The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
-    the worker also gets ``LISTEN_PID`` equal to its own pid.
+    the worker also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
+    the child in our process group (a successor supervisor, which must get the terminal's
+    Ctrl-C as we do).
 
     Raises:
         SpawnError: the command cannot be found or started.
@@ -186,7 +189,8 @@ def spawn_worker(
                 argv,
                 dict(environ),
                 file_actions=actions,
-                setpgroup=0,
+                # 0: a new group led by the child; our pgid: join ours (setpgid(2)).
+                setpgroup=0 if own_process_group else os.getpgrp(),
                 setsigdef=_RESET_SIGNALS,
                 setsigmask=(),
             )
@@ -199,6 +203,16 @@ def spawn_worker(
     return WorkerProcess(pid=pid, pidfd=pidfd)
 
 
-def adopt_process(pid: int) -> WorkerProcess:
-    """Watch a process that is not our child (after a self-upgrade) through a pidfd."""
-    return WorkerProcess(pid=pid, pidfd=os.pidfd_open(pid), is_child=False)
+def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
+    """Watch a process that is not our child (after a self-upgrade) through a pidfd.
+
+    Pass the ``pidfd`` the previous supervisor handed over when there is one: unlike
+    ``pidfd_open(pid)`` it cannot name another process if the worker died and its pid was reused
+    in between. The returned process owns it. Its exit code is unknown (only a parent can reap).
+
+    Raises:
+        ProcessLookupError: (without ``pidfd``) no process has this pid any more.
+    """
+    return WorkerProcess(
+        pid=pid, pidfd=os.pidfd_open(pid) if pidfd is None else pidfd, is_child=False
+    )
