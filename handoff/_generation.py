@@ -15,6 +15,14 @@ Design notes:
   returns when no worker of the generation remains.
 - Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
   one for each restart, so a late datagram from a dead worker can never mark its successor ready.
+- Self-upgrade (see ``_handover``): ``freeze()`` stops a generation from reading its workers'
+  notify sockets and from starting workers, and returns once no datagram can be applied any more,
+  so that the state handed to the successor cannot change under it; ``thaw()`` undoes it when the
+  handover fails. ``hand_over()`` (after the successor is in charge) makes the tasks let go of
+  everything without killing a worker or unlinking a notify socket, when the old supervisor's
+  nursery is cancelled. ``run_adopted_generation`` is the successor's side: the same generation,
+  its workers watched through the pidfds handed over (they are not its children, so their exit
+  status is unknown), restarted as normal children when they crash, drained like any other.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._spawn import WorkerProcess, describe_exit, spawn_worker
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Mapping, Sequence
     from pathlib import Path
 
     from ._config import ProgramConfig
@@ -73,6 +81,10 @@ class ParkedFds:
     def items(self) -> tuple[tuple[str, int], ...]:
         return tuple(self._items)
 
+    def restore(self, items: Sequence[tuple[str, int]]) -> None:
+        """Take over fds parked under a previous supervisor (a self-upgrade); we own them now."""
+        self._items.extend(items)
+
     def close_all(self) -> None:
         close_fds([fd for _, fd in self._items])
         self._items = []
@@ -106,6 +118,38 @@ class WorkerSlot:
     last_exit: str | None = None
     ever_ready: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
+    # The supervisor's ends of the running worker's sockets (a self-upgrade hands them over).
+    notify: NotifyReceiver | None = field(default=None, repr=False)
+    channel: socket.socket | None = field(default=None, repr=False)
+
+
+@final
+@dataclass(eq=False)
+class AdoptedWorker:
+    """A worker handed over by the previous supervisor, for ``run_adopted_generation``.
+
+    ``process`` is None for a slot that had no live worker (it was waiting to be restarted): it
+    is started afresh. Everything else is the slot as the previous supervisor saw it.
+    """
+
+    index: int
+    process: WorkerProcess | None
+    notify: NotifyReceiver | None
+    channel: socket.socket | None
+    state: WorkerState
+    status: str | None
+    restarts: int
+    last_exit: str | None
+    ever_ready: bool
+
+    def close(self) -> None:
+        """Let go of what we were handed without touching the worker (adoption was abandoned)."""
+        if self.process is not None:
+            self.process.close()
+        if self.notify is not None:
+            _close_receiver(self.notify, unlink=False)
+        if self.channel is not None:
+            self.channel.close()
 
 
 @final
@@ -121,8 +165,15 @@ class Generation:
         self.stopped = trio.Event()
         self.draining = False
         self.failure: str | None = None
+        # trio.current_time() by which a drain SIGKILLs what is left (set once draining).
+        self.drain_deadline: float | None = None
+        self.handed_over = False
         self._settled = trio.Event()
         self._drain_requested = trio.Event()
+        # Not None while frozen; set (and dropped) by thaw().
+        self._thawed: trio.Event | None = None
+        self._pumps: set[trio.CancelScope] = set()
+        self._pumps_idle = trio.Event()
 
     def request_drain(self) -> None:
         """Ask the generation to stop (stop_signal, drain_timeout, then SIGKILL)."""
@@ -132,6 +183,37 @@ class Generation:
     def is_draining(self) -> bool:
         """A method, not the attribute, so type checkers do not assume it is unchanged by awaits."""
         return self.draining
+
+    async def freeze(self) -> None:
+        """Stop reading notify sockets and starting workers until ``thaw()``.
+
+        Returns once every notify pump has stopped: from then on nothing a worker sends changes
+        this generation (datagrams wait in the sockets, for whoever reads them next).
+        """
+        if self._thawed is None:
+            self._thawed = trio.Event()
+        if not self._pumps:
+            await trio.lowlevel.checkpoint()
+            return
+        self._pumps_idle = trio.Event()
+        for scope in self._pumps:
+            scope.cancel()
+        await self._pumps_idle.wait()
+
+    def thaw(self) -> None:
+        """Undo ``freeze()``: the handover failed and this supervisor carries on."""
+        if self._thawed is not None:
+            self._thawed.set()
+            self._thawed = None
+
+    def hand_over(self) -> None:
+        """A successor owns the workers now: when cancelled, let go without killing them."""
+        self.handed_over = True
+
+    async def _wait_thawed(self) -> None:
+        # A loop, not one wait: a thaw followed at once by another freeze must keep us waiting.
+        while self._thawed is not None:
+            await self._thawed.wait()
 
     def pids(self) -> list[int]:
         return [
@@ -200,6 +282,66 @@ async def run_generation(
     log.info("generation.stopped")
 
 
+async def run_adopted_generation(
+    spec: GenerationSpec,
+    parked: ParkedFds,
+    workers: Sequence[AdoptedWorker],
+    *,
+    draining: bool = False,
+    drain_remaining: float | None = None,
+    task_status: trio.TaskStatus[Generation] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Supervise a generation handed over by the previous supervisor, then drain it.
+
+    It was ready there, so ``started(gen)`` comes at once; the handed-over workers are watched
+    through their pidfds (never waited on: they are not our children) and, if one crashes, its
+    replacement is spawned as our child with the usual backoff. A generation that was
+    ``draining`` keeps draining: its stop signal was sent already, and what was left of its
+    drain_timeout (``drain_remaining``) still applies before SIGKILL. Takes ownership of every
+    pidfd and socket in ``workers``.
+    """
+    gen = Generation(spec, parked)
+    by_index = {w.index: w for w in workers}
+    adopted: list[WorkerSlot] = []
+    for slot in gen.slots:
+        w = by_index.pop(slot.index, None)
+        if w is None:
+            continue
+        slot.state, slot.status, slot.restarts = w.state, w.status, w.restarts
+        slot.last_exit, slot.ever_ready = w.last_exit, w.ever_ready
+        if w.process is not None and w.notify is not None:
+            slot.process, slot.notify, slot.channel = w.process, w.notify, w.channel
+            adopted.append(slot)
+        else:
+            w.close()
+            if w.notify is not None:
+                _close_receiver(w.notify, unlink=True)
+    for w in by_index.values():  # slots the program no longer has: nothing to supervise
+        w.close()
+    gen.ready.set()
+    gen._settled.set()
+    with bound_contextvars(generation=spec.number):
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in gen.slots:
+                    if slot in adopted or not draining:
+                        nursery.start_soon(_run_slot, gen, slot, slot in adopted)
+                    else:
+                        slot.state = "exited"
+                if draining:
+                    gen.request_drain()
+                log.info("generation.adopted", pids=gen.pids(), draining=draining)
+                task_status.started(gen)
+                await gen._drain_requested.wait()
+                await _drain(
+                    gen, signalled=draining, drain_timeout=drain_remaining if draining else None
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            gen.stopped.set()
+    log.info("generation.stopped")
+
+
 def _not_ready_reason(gen: Generation) -> str:
     waiting = [
         f"worker {s.index} (pid {s.process.pid if s.process else '-'}: {s.state})"
@@ -218,19 +360,31 @@ def _not_ready_reason(gen: Generation) -> str:
     )
 
 
-async def _drain(gen: Generation) -> None:
+async def _drain(
+    gen: Generation, *, signalled: bool = False, drain_timeout: float | None = None
+) -> None:
+    """Stop signal (unless ``signalled`` already), wait up to ``drain_timeout``, return.
+
+    The caller then cancels the workers' tasks, which SIGKILLs whatever is left.
+    """
     program = gen.spec.program
     signum = program.stop_signum
+    timeout = program.drain_timeout if drain_timeout is None else max(drain_timeout, 0.0)
     live = [s for s in gen.slots if s.process is not None and s.process.returncode is None]
     for slot in gen.slots:
         slot.state = "draining" if slot in live else "exited"
-    for slot in live:
-        assert slot.process is not None
-        slot.process.send_signal(signum)
+    if not signalled:
+        for slot in live:
+            assert slot.process is not None
+            slot.process.send_signal(signum)
+    gen.drain_deadline = trio.current_time() + timeout
     log.info(
-        "generation.draining", signal=signum.name, pids=[s.process.pid for s in live if s.process]
+        "generation.draining",
+        signal=signum.name,
+        pids=[s.process.pid for s in live if s.process],
+        signalled_before=signalled,
     )
-    with trio.move_on_after(program.drain_timeout) as timer:
+    with trio.move_on_after(timeout) as timer:
         for slot in live:
             await slot.exited.wait()
     if timer.cancelled_caught:
@@ -240,18 +394,27 @@ async def _drain(gen: Generation) -> None:
         log.warning(
             "generation.drain_timed_out",
             drain_timeout=program.drain_timeout,
+            waited_s=round(timeout, 3),
             killed=stuck,
             hint="workers ignored the stop signal; they were killed with SIGKILL",
         )
 
 
-async def _run_slot(gen: Generation, slot: WorkerSlot) -> None:
+async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) -> None:
+    """Keep a worker in ``slot``; ``adopted``: first watch the one handed over, already in it."""
     spec = gen.spec
     backoff = spec.backoff_initial
     with bound_contextvars(worker=slot.index):
-        while not gen.is_draining():
+        while adopted or not gen.is_draining():
             started_at = trio.current_time()
-            code = await _run_one_worker(gen, slot)
+            if adopted:
+                adopted = False
+                code = await _watch_adopted_worker(gen, slot)
+            else:
+                await gen._wait_thawed()  # a frozen generation starts no worker
+                if gen.is_draining():
+                    break
+                code = await _run_one_worker(gen, slot)
             slot.last_exit = describe_exit(code) if code is not None else slot.last_exit
             if gen.is_draining():
                 break
@@ -279,41 +442,92 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
     path = spec.notify_dir / f"{spec.number}.{slot.index}.{next(_spawn_sequence)}"
     receiver = NotifyReceiver.bind(str(path))
     slot.exited = trio.Event()
-    channel: socket.socket | None = None
     try:
-        try:
-            proc, channel = _spawn(spec, gen.parked, slot, str(path))
-        except SpawnError as exc:
-            slot.last_exit = f"could not be started: {exc}"
-            slot.exited.set()
-            return None
-        slot.process = proc
-        slot.state = "starting"
-        log.info("worker.started", pid=proc.pid)
+        proc, channel = _spawn(spec, gen.parked, slot, str(path))
+    except SpawnError as exc:
+        _close_receiver(receiver, unlink=True)
+        slot.last_exit = f"could not be started: {exc}"
+        slot.exited.set()
+        return None
+    except BaseException:
+        _close_receiver(receiver, unlink=True)
+        raise
+    slot.process = proc
+    slot.state = "starting"
+    log.info("worker.started", pid=proc.pid)
+    return await _supervise_worker(gen, slot, proc, receiver, channel, deliver=True)
+
+
+async def _watch_adopted_worker(gen: Generation, slot: WorkerSlot) -> int | None:
+    """Supervise the handed-over worker already in ``slot`` until it exits (status unknown)."""
+    proc, receiver = slot.process, slot.notify
+    assert proc is not None
+    assert receiver is not None
+    slot.exited = trio.Event()
+    return await _supervise_worker(gen, slot, proc, receiver, slot.channel, deliver=False)
+
+
+async def _supervise_worker(
+    gen: Generation,
+    slot: WorkerSlot,
+    proc: WorkerProcess,
+    receiver: NotifyReceiver,
+    channel: socket.socket | None,
+    *,
+    deliver: bool,
+) -> int | None:
+    """Pump the worker's notify socket until it exits; owns ``receiver`` and ``channel``.
+
+    Returns the exit code, or None for a worker that is not our child (its status is unknown).
+    """
+    slot.notify, slot.channel = receiver, channel
+    try:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump_notify, gen, slot, receiver)
-                if channel is not None:
-                    nursery.start_soon(_put_fds, spec, gen.parked, channel)
-                delay = spec.program.ready_delay
-                if delay is not None:
+                if channel is not None and deliver:
+                    nursery.start_soon(_put_fds, gen.spec, gen.parked, channel)
+                delay = gen.spec.program.ready_delay
+                if delay is not None and slot.state == "starting":
                     nursery.start_soon(_ready_after, gen, slot, delay)
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if proc.returncode is None:
+                # Handed over: the successor supervises this worker now; it must live on.
+                if proc.returncode is None and not gen.handed_over:
                     proc.kill()
                     with trio.move_on_after(_REAP_TIMEOUT):
                         await proc.wait()
                 slot.exited.set()
             if proc.returncode is not None:
-                log.info("worker.exited", pid=proc.pid, reason=describe_exit(proc.returncode))
+                log.info("worker.exited", pid=proc.pid, reason=_exit_reason(proc))
+            elif gen.handed_over:
+                proc.close()
+        if not proc.is_child:
+            slot.last_exit = _exit_reason(proc)
+            return None
         return code
     finally:
-        receiver.close()
+        slot.notify = slot.channel = None
+        # Handed over: the worker's NOTIFY_SOCKET path now belongs to the successor's socket.
+        _close_receiver(receiver, unlink=not gen.handed_over)
         if channel is not None:
             channel.close()
+
+
+def _exit_reason(proc: WorkerProcess) -> str:
+    if proc.is_child and proc.returncode is not None:
+        return describe_exit(proc.returncode)
+    return "exited (status unknown: adopted from the previous supervisor, not our child)"
+
+
+def _close_receiver(receiver: NotifyReceiver, *, unlink: bool) -> None:
+    if unlink:
+        receiver.close()
+    else:
+        trio.lowlevel.notify_closing(receiver.sock)
+        receiver.sock.close()
 
 
 def _spawn(
@@ -375,8 +589,19 @@ async def _ready_after(gen: Generation, slot: WorkerSlot, delay: float) -> None:
 
 async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiver) -> None:
     while True:
-        message = await receiver.receive()
-        _apply_notify(gen, slot, message)
+        await gen._wait_thawed()
+        # freeze() cancels this scope and waits for the pump to leave it: a datagram already
+        # received is applied first, none is received after (see Generation.freeze).
+        with trio.CancelScope() as scope:
+            gen._pumps.add(scope)
+            try:
+                while True:
+                    message = await receiver.receive()
+                    _apply_notify(gen, slot, message)
+            finally:
+                gen._pumps.discard(scope)
+                if not gen._pumps:
+                    gen._pumps_idle.set()
 
 
 def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> None:
