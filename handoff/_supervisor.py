@@ -10,12 +10,26 @@ The upgrade state machine (one upgrade at a time)::
 Requests that arrive while an upgrade runs coalesce into one follow-up: every caller waiting
 on it gets its outcome. SIGHUP and ``handoffd upgrade`` are the same request.
 
+Self-upgrade (``handoffd upgrade --self``, SIGUSR2) is serialised with worker upgrades::
+
+    idle -> load config -> freeze generations -> spawn the new handoffd -> Put state + fds
+         -> wait "in_charge" (self_upgrade_timeout) -> commit -> reply ok -> exit 0, workers untouched
+    any failure before the commit -> new one SIGKILLed, MAINPID taken back, its staged control
+    socket removed, generations thawed, the upgrade is reported failed with the reason.
+
+``_handover`` owns the protocol; ``run_supervisor`` is also the successor's start-up: with
+``HANDOFF_SUPERVISOR_FD`` set it adopts what it is handed instead of starting generation 1.
+
 Design notes:
 - Signal handlers are installed before READY=1 is sent anywhere: a SIGHUP that arrived between
   READY and the handler would otherwise take its default action and kill the daemon.
 - The upgrade boundary is the one place that catches ``Exception``: whatever goes wrong while
   starting N+1, N must keep serving and the caller must get an answer.
 - State changes are sync methods; only waiting is async.
+- A supervisor that handed over exits once every caller of the self-upgrade got its reply: the
+  reply is written in the same scheduling step as ``upgrade()`` returns (trio's socket send only
+  yields after its syscall when not cancelled), so cancelling the root after the last caller
+  returned cannot cut it off. It never drains, signals or kills a worker after the commit.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import os
 import signal
 import sys
 from contextlib import ExitStack, suppress
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, final
@@ -47,8 +62,25 @@ from ._control import (
     bind_control_socket,
     serve_control,
 )
-from ._errors import HandoffError, ListenerError, SpawnError
-from ._generation import Generation, GenerationSpec, ParkedFds, notify_dir_ok, run_generation
+from ._errors import HandoffError, ListenerError, SpawnError, UpgradeError
+from ._generation import (
+    Generation,
+    GenerationSpec,
+    ParkedFds,
+    notify_dir_ok,
+    run_adopted_generation,
+    run_generation,
+)
+from ._handover import (
+    HANDOVER_FD_ENV,
+    Handover,
+    Successor,
+    bind_staged_control_socket,
+    offer,
+    snapshot,
+    staged_control_path,
+    successor_command,
+)
 from ._listeners import Listener, adopt_inherited, bind_listener
 from ._systemd import (
     InheritedFd,
@@ -59,7 +91,9 @@ from ._systemd import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+
+    from ._config import ProgramConfig
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -68,6 +102,8 @@ log: structlog.stdlib.BoundLogger = structlog.get_logger()
 _SYSTEMD_SLACK_S: Final = 5.0
 # How long a stopping supervisor waits for killed workers to be reaped (they cannot ignore SIGKILL).
 _REAP_GRACE_S: Final = 5.0
+# How long a supervisor that handed over waits for its callers to take their replies.
+_REPLY_GRACE_S: Final = 5.0
 
 
 def _version() -> str:
@@ -85,6 +121,8 @@ class UpgradeTicket:
         self.request = request
         self.reply: UpgradeReply | None = None
         self._subscribers: list[trio.MemorySendChannel[UpgradeEvent]] = []
+        self.callers = 0
+        self.returned = trio.Event()  # set once every caller has its reply in hand
 
     def subscribe(self) -> trio.MemoryReceiveChannel[UpgradeEvent]:
         send, receive = trio.open_memory_channel[UpgradeEvent](math.inf)
@@ -105,6 +143,13 @@ class UpgradeTicket:
         for channel in self._subscribers:
             channel.close()
         self._subscribers.clear()
+        if self.callers == 0:
+            self.returned.set()
+
+    def caller_returned(self) -> None:
+        self.callers -= 1
+        if self.callers == 0 and self.reply is not None:
+            self.returned.set()
 
 
 @final
@@ -124,18 +169,35 @@ class Supervisor(ControlHandler):
         self.next_generation = 1
         self.state = "starting"
         self.last_upgrade: UpgradeReply | None = None
+        # Names of listeners that left the config, closed once no generation uses them.
+        self.retired_listeners: set[str] = set()
+        # Set once a successor is in charge: from then on we only exit.
+        self.successor_pid: int | None = None
         self._pending: dict[bool, UpgradeTicket] = {}
         self._upgrade_wanted = trio.Event()
         self._stop_requested = trio.Event()
         self._root: trio.Nursery | None = None
+        self._control_path: Path | None = None
+        self._control_inode: int | None = None
 
     # ---- sync state changes ----
 
     def stop(self) -> None:
         """Begin a graceful stop: drain every generation, then exit."""
+        if self.successor_pid is not None:
+            log.warning(
+                "supervisor.stop_ignored",
+                successor_pid=self.successor_pid,
+                hint="this supervisor handed over; stop the new one",
+            )
+            return
         if not self._stop_requested.is_set():
             log.info("supervisor.stopping")
         self._stop_requested.set()
+
+    def generations(self) -> list[Generation]:
+        """The live generations: the current one first, then those still draining."""
+        return ([self.current] if self.current else []) + self.draining
 
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind if there is one."""
@@ -197,15 +259,28 @@ class Supervisor(ControlHandler):
         self, request: UpgradeRequest, on_event: Callable[[UpgradeEvent], Awaitable[None]]
     ) -> UpgradeReply:
         ticket = self.request_upgrade(request)
-        async with ticket.subscribe() as events:
-            async for event in events:
-                await on_event(event)
+        ticket.callers += 1
+        try:
+            async with ticket.subscribe() as events:
+                async for event in events:
+                    await on_event(event)
+        finally:
+            ticket.caller_returned()
         assert ticket.reply is not None
         return ticket.reply
 
     def _spec(self, loaded: LoadedConfig, listeners: Mapping[str, Listener]) -> GenerationSpec:
+        ordered = [listeners[lc.name] for lc in loaded.config.listener]
+        return self._spec_for(self.next_generation, loaded, loaded.config.program, ordered)
+
+    def _spec_for(
+        self,
+        number: int,
+        loaded: LoadedConfig,
+        program: ProgramConfig,
+        ordered: Sequence[Listener],
+    ) -> GenerationSpec:
         config = loaded.config
-        ordered = [listeners[lc.name] for lc in config.listener]
         compat: dict[str, str] = {}
         if ordered:
             compat["EINHORN_FDS"] = " ".join(str(3 + i) for i in range(len(ordered)))
@@ -221,8 +296,8 @@ class Supervisor(ControlHandler):
             if bindir not in path.split(":"):
                 environ["PATH"] = f"{bindir}:{path}"
         return GenerationSpec(
-            number=self.next_generation,
-            program=config.program,
+            number=number,
+            program=program,
             listeners=tuple((li.name, li.fd) for li in ordered),
             environ=environ,
             notify_dir=self.notify_dir,
@@ -260,11 +335,38 @@ class Supervisor(ControlHandler):
                 if ticket is None:
                     continue
                 try:
-                    reply = await self._upgrade_workers(ticket)
+                    if kind:
+                        reply = await self._upgrade_supervisor(ticket)
+                    else:
+                        reply = await self._upgrade_workers(ticket)
                 finally:
                     if ticket.reply is None:
                         ticket.finish(self._failed(ticket, "handoffd is stopping", 0.0, []))
                 ticket.finish(reply)
+                if self.successor_pid is not None:
+                    await self._exit_after_handover(ticket)
+                    return
+
+    async def _exit_after_handover(self, ticket: UpgradeTicket) -> None:
+        """Answer every caller (requests that came meanwhile fail: resend them), then exit."""
+        assert self.successor_pid is not None
+        tickets = [ticket, *self._pending.values()]
+        self._pending.clear()
+        for pending in tickets[1:]:
+            pending.finish(
+                self._failed(
+                    pending,
+                    f"handoffd handed over to a new supervisor (pid {self.successor_pid}) while "
+                    "this request waited; send it again",
+                    0.0,
+                    [],
+                )
+            )
+        with trio.move_on_after(_REPLY_GRACE_S):
+            for each in tickets:
+                await each.returned.wait()
+        log.info("supervisor.handed_over", successor_pid=self.successor_pid)
+        self._stop_requested.set()
 
     def _failed(
         self, ticket: UpgradeTicket, reason: str, started: float, phases: list[UpgradePhase]
@@ -280,12 +382,111 @@ class Supervisor(ControlHandler):
             phases=phases,
         )
 
+    async def _upgrade_supervisor(self, ticket: UpgradeTicket) -> UpgradeReply:
+        """One self-upgrade (see ``_handover``); never raises for a failure of the new one."""
+        started = trio.current_time()
+        phases: list[UpgradePhase] = []
+
+        def phase(name: str, detail: str | None = None) -> None:
+            item = UpgradePhase(
+                phase=name, elapsed_s=round(trio.current_time() - started, 4), detail=detail
+            )
+            phases.append(item)
+            ticket.publish(UpgradeEvent(phase=name, elapsed_s=item.elapsed_s, detail=detail))
+
+        gens = self.generations()
+        number = self.current.number if self.current else 0
+        successor: Successor | None = None
+        spawned: list[int] = []
+        reply: UpgradeReply | None = None
+        reason: str | None = None
+        self.state = "self-upgrading"
+        log.info("upgrade.started", supervisor=True, exec_path=ticket.request.exec_path)
+        try:
+            try:
+                if os.getpid() == 1:
+                    raise UpgradeError(
+                        "handoffd runs as pid 1 (a container's init): its exit would end the "
+                        "container, so it cannot hand over; restart the container instead"
+                    )
+                # The same check the new one makes, here for the exact message and no spawn.
+                loaded = load_config(self.loaded.path)
+                argv = successor_command(ticket.request.exec_path, loaded.path, self.environ)
+                phase("config_loaded", str(loaded.path))
+                for gen in gens:
+                    await gen.freeze()
+                state, fds = snapshot(self)
+                phase("frozen", f"{len(gens)} generation(s), {len(fds)} fds to hand over")
+                successor = await offer(
+                    state,
+                    fds,
+                    argv,
+                    self.environ,
+                    self.loaded.config.supervisor.self_upgrade_timeout,
+                    phase,
+                    spawned.append,
+                )
+                phase("in_charge", f"supervisor pid {successor.pid}")
+                reply = UpgradeReply(
+                    ok=True,
+                    outcome="ok",
+                    generation=number,
+                    previous_generation=number,
+                    duration_s=round(trio.current_time() - started, 4),
+                    phases=phases,
+                    supervisor_pid=successor.pid,
+                )
+                await successor.commit(reply)
+                # Committed: nothing of ours may act on a worker any more, and the control
+                # socket path is about to be the successor's (never unlink it).
+                for gen in gens:
+                    gen.hand_over()
+                self.successor_pid = successor.pid
+                self._control_inode = None
+                self.state = "handed-over"
+            except HandoffError as exc:
+                reason = str(exc)
+            except Exception as exc:  # the upgrade boundary: we keep serving whatever happened
+                log.exception("upgrade.crashed", supervisor=True)
+                reason = f"internal error: {exc!r}"
+        finally:
+            if self.successor_pid is None:
+                with trio.CancelScope(shield=True):
+                    if successor is not None:
+                        await successor.abort()
+                    self._take_back(gens, spawned)
+        if reply is None or reason is not None:
+            reply = self._failed(ticket, reason or "not handed over", started, phases)
+        self.last_upgrade = reply
+        log.info(
+            "upgrade.finished",
+            outcome=reply.outcome,
+            reason=reply.reason,
+            generation=reply.generation,
+            duration_s=reply.duration_s,
+            supervisor=True,
+            supervisor_pid=reply.supervisor_pid,
+        )
+        return reply
+
+    def _take_back(self, gens: Sequence[Generation], spawned: list[int]) -> None:
+        """After a failed handover: systemd's MAINPID, the generations, and no litter.
+
+        The new supervisor (killed by now) may have sent MAINPID= and bound its staged control
+        socket; both are undone whether or not it got that far.
+        """
+        if self._control_path is not None:
+            for pid in spawned:
+                with suppress(FileNotFoundError):
+                    staged_control_path(self._control_path, pid).unlink()
+        self.systemd.send(f"MAINPID={os.getpid()}")
+        for gen in gens:
+            gen.thaw()
+        self.state = "running"
+        self.systemd.ready(self.status_text())
+
     async def _upgrade_workers(self, ticket: UpgradeTicket) -> UpgradeReply:
         """One worker upgrade; never raises for a failure of the new generation."""
-        if ticket.request.supervisor:
-            return self._failed(
-                ticket, "self-upgrade is not supported by this handoffd yet", 0.0, []
-            )
         started = trio.current_time()
         phases: list[UpgradePhase] = []
         old = self.current
@@ -342,6 +543,7 @@ class Supervisor(ControlHandler):
                     )
                 if retired:
                     assert self._root is not None
+                    self.retired_listeners.update(li.name for li in retired)
                     self._root.start_soon(self._close_retired, retired, list(self.draining))
                 reply = UpgradeReply(
                     ok=True,
@@ -395,11 +597,30 @@ class Supervisor(ControlHandler):
         for li in retired:
             log.info("listener.closed", listener=li.name, address=li.bound_address())
             self.systemd.remove_fd(li.name, li.fd)
+            self.retired_listeners.discard(li.name)
             li.close()
+
+    async def _forget_retired(self, names: Sequence[str], users: Sequence[Generation]) -> None:
+        """``_close_retired`` for listeners retired under the previous supervisor (we have no fd)."""
+        for gen in users:
+            await gen.stopped.wait()
+        for name in names:
+            if name not in self.listeners:
+                log.info("listener.closed", listener=name)
+                self.systemd.remove_fd(name)
+                self.retired_listeners.discard(name)
 
     async def _handle_signals(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
-            if signum == signal.SIGHUP:
+            if self.successor_pid is not None:
+                # The workers are the successor's now; never act on them from here.
+                log.warning(
+                    "signal.received",
+                    signal=signal.Signals(signum).name,
+                    action="ignored: handed over",
+                    successor_pid=self.successor_pid,
+                )
+            elif signum == signal.SIGHUP:
                 log.info("signal.received", signal="SIGHUP", action="upgrade")
                 self.request_upgrade(UpgradeRequest())
             elif signum == signal.SIGUSR2:
@@ -418,6 +639,49 @@ class Supervisor(ControlHandler):
             else:
                 log.info("signal.received", signal=signal.Signals(signum).name, action="stop")
                 self.stop()
+
+    def _take_state(self, handover: Handover) -> None:
+        """A successor's start: the listeners, parked fds, numbering and systemd link handed over."""
+        state = handover.state
+        self.listeners, handover.listeners = handover.listeners, {}
+        self.parked.restore(handover.parked)
+        handover.parked = []
+        self.next_generation = state.next_generation
+        self.last_upgrade = handover.last_upgrade
+        self.retired_listeners = set(state.retired_listeners)
+        # From the state, not our environment: WATCHDOG_PID there names the old supervisor.
+        notify_env = {"NOTIFY_SOCKET": state.notify_socket} if state.notify_socket else {}
+        self.systemd = SystemdNotifier(notify_env)
+        self.systemd.watchdog_interval = state.watchdog_interval
+        for li in self.listeners.values():
+            log.info("listener.handed_over", listener=li.name, address=li.bound_address(), fd=li.fd)
+
+    async def _adopt(self, handover: Handover) -> None:
+        """Supervise the generations handed over, numbered and configured as they were."""
+        assert self._root is not None
+        users: list[Generation] = []
+        generations, handover.generations = handover.generations, []
+        for adopted in generations:
+            ordered = [self.listeners[n] for n in adopted.listeners if n in self.listeners]
+            spec = self._spec_for(adopted.number, self.loaded, adopted.program, ordered)
+            gen: Generation = await self._root.start(
+                partial(
+                    run_adopted_generation,
+                    spec,
+                    self.parked,
+                    adopted.workers,
+                    draining=adopted.draining,
+                    drain_remaining=adopted.drain_remaining,
+                )
+            )
+            self._root.start_soon(self._forget_when_stopped, gen)
+            if adopted.number == handover.state.current and not adopted.draining:
+                self.current = gen
+            else:
+                self.draining.append(gen)
+            users.append(gen)
+        if self.retired_listeners:
+            self._root.start_soon(self._forget_retired, sorted(self.retired_listeners), users)
 
     def _known_pids(self) -> set[int]:
         gens = ([self.current] if self.current else []) + self.draining
@@ -551,6 +815,9 @@ async def run_supervisor(
     Raises:
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
+    handover_fd = environ.get(HANDOVER_FD_ENV)
+    if handover_fd is not None:
+        environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
     sup = Supervisor(loaded, environ)
     config = loaded.config
     problem = notify_dir_ok(sup.notify_dir)
@@ -563,31 +830,64 @@ async def run_supervisor(
     if os.getpid() == 1:
         signals_wanted.append(signal.SIGCHLD)
     with trio.open_signal_receiver(*signals_wanted) as signals:
-        sup.listeners = open_listeners(loaded, environ, sup.systemd)
-        control_inode: int | None = None
+        handover: Handover | None = None
+        if handover_fd is None:
+            sup.listeners = open_listeners(loaded, environ, sup.systemd)
+        else:
+            handover = await Handover.receive(
+                handover_fd, loaded.path, config.supervisor.self_upgrade_timeout
+            )
+            sup._take_state(handover)
         try:
             for li in sup.listeners.values():
+                # After a handover these are stored already (systemd ignores a duplicate fd);
+                # storing them again records them as ours for FDSTOREREMOVE.
                 sup.systemd.store_fd(li.name, li.fd)
-            control = bind_control_socket(control_path)
-            control_inode = os.stat(control_path).st_ino
+            sup._control_path = control_path
+            if handover is None:
+                control = bind_control_socket(control_path)
+            else:
+                # Bound now (a failure is the old one's to hear about), in place at the commit.
+                try:
+                    control, staged = bind_staged_control_socket(control_path)
+                except OSError as exc:
+                    reason = f"cannot bind a control socket next to {control_path}: {exc}"
+                    await handover.refuse(reason)
+                    raise ListenerError(reason) from exc
+                try:
+                    await handover.confirm(
+                        f"taking over from pid {handover.state.pid}",
+                        config.supervisor.self_upgrade_timeout,
+                    )
+                except BaseException:
+                    with suppress(FileNotFoundError):
+                        staged.unlink()
+                    raise
+                os.rename(staged, control_path)
+                sup.last_upgrade = handover.last_upgrade
+            sup._control_inode = os.stat(control_path).st_ino
             async with trio.open_nursery() as root:
                 sup._root = root
                 await root.start(serve_control, control, sup, allowed)
                 root.start_soon(sup._handle_signals, signals)
                 root.start_soon(sup.systemd.run_watchdog)
-                try:
-                    sup.current = await sup._start_generation(loaded, sup.listeners)
-                except SpawnError as exc:
-                    raise SpawnError(f"generation 1 could not start: {exc}") from exc
+                if handover is None:
+                    try:
+                        sup.current = await sup._start_generation(loaded, sup.listeners)
+                    except SpawnError as exc:
+                        raise SpawnError(f"generation 1 could not start: {exc}") from exc
+                else:
+                    await sup._adopt(handover)
                 sup.state = "running"
                 if config.supervisor.pid_file is not None:
                     write_pid_file(config.supervisor.pid_file)
                 log.info(
                     "supervisor.ready",
-                    generation=sup.current.number,
-                    pids=sup.current.pids(),
+                    generation=sup.current.number if sup.current else None,
+                    pids=sup.current.pids() if sup.current else [],
                     listeners={li.name: li.bound_address() for li in sup.listeners.values()},
                     control_socket=str(control_path),
+                    handover_from=handover.state.pid if handover else None,
                 )
                 sup.systemd.ready(sup.status_text())
                 task_status.started(sup)
@@ -595,14 +895,17 @@ async def run_supervisor(
                     upgrades.start_soon(sup._run_upgrades)
                     await sup._stop_requested.wait()
                     upgrades.cancel_scope.cancel()
-                await sup._shutdown()
+                if sup.successor_pid is None:
+                    await sup._shutdown()
                 root.cancel_scope.cancel()
         finally:
+            if handover is not None:
+                handover.close()  # whatever was received and not claimed
             for li in sup.listeners.values():
                 li.close()
             sup.parked.close_all()
-            _unlink_if_ours(control_path, control_inode)
-    log.info("supervisor.stopped")
+            _unlink_if_ours(control_path, sup._control_inode)
+    log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
 
 
 def _unlink_if_ours(path: Path, inode: int | None) -> None:
