@@ -107,6 +107,8 @@ class Daemon:
             cwd=REPO,
             text=True,
         )
+        #: The supervisor in charge: ``proc`` until a self-upgrade hands over (``self_upgrade``).
+        self.pid = self.proc.pid
         self._reader = threading.Thread(target=self._read_logs, daemon=True)
         self._reader.start()
 
@@ -206,11 +208,43 @@ class Daemon:
             if w["pid"] is not None and (generation is None or w["generation"] == generation)
         ]
 
+    def self_upgrade(self, *extra: str) -> tuple[int, dict[str, Any]]:
+        """``handoffd upgrade --self``; on success, follow the new supervisor.
+
+        The successor inherits the old one's stderr, so its log lines arrive on the same pipe:
+        this waits for its ``supervisor.ready`` and for the old supervisor to be gone.
+        """
+        mark = self.mark()
+        old = self.pid
+        code, reply = self.upgrade("--self", *extra)
+        if code == 0:
+            new = reply["supervisor_pid"]
+            self.wait_event(
+                "supervisor.ready", where=lambda e: e.get("handover_from") == old, start=mark
+            )
+            if old == self.proc.pid:
+                self.proc.wait(30)
+            else:
+                wait_until(lambda: not pid_alive(old), 30, f"old supervisor {old} to exit")
+            self.pid = new
+        return code, reply
+
     def stop(self, timeout: float = 60) -> int:
+        """SIGTERM the supervisor in charge and wait until it is gone; ``proc``'s exit code.
+
+        A successor is not our child: its end shows as EOF on the stderr pipe, which it and its
+        workers hold until they have all exited.
+        """
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+        elif self.pid != self.proc.pid and pid_alive(self.pid):
+            os.kill(self.pid, signal.SIGTERM)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            if self.pid != self.proc.pid:
+                self._reader.join(timeout)
+                assert not self._reader.is_alive(), f"supervisor {self.pid} did not stop"
+            return code
         finally:
             self._reader.join(5)
             if self.proc.stderr is not None:
@@ -222,7 +256,7 @@ def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # ESRCH: it went between open and read
         return False
 
 
