@@ -181,16 +181,19 @@ def test_self_upgrade_during_a_drain_hands_over_the_draining_generation(
     drain_timeout, counted from the stop signal the old supervisor sent (not sent twice)."""
     from tests.integration.test_upgrade import rewrite
 
-    daemon = run_daemon(processes=1, env={"WORKER_MODE": "ignore_term"}, drain_timeout=4)
-    (stubborn,) = daemon.worker_pids(generation=1)
+    daemon = run_daemon(processes=1)
+    rewrite(daemon, processes=1, drain_timeout=4, env={"WORKER_MODE": "ignore_term"})
+    code, _ = daemon.upgrade()  # generation 2 ignores SIGTERM
+    assert code == 0
+    (stubborn,) = daemon.worker_pids(generation=2)
     rewrite(daemon, processes=1, drain_timeout=4)
     mark = daemon.mark()
-    code, _ = daemon.upgrade()
+    code, _ = daemon.upgrade()  # generation 2 drains, for up to 4 s
     assert code == 0
     code, reply = daemon.self_upgrade()
     assert code == 0, reply
     status = daemon.status()
-    assert status["draining_generations"] == [1]
+    assert status["draining_generations"] == [2]
     assert pid_alive(stubborn)
     timed_out = daemon.wait_event("generation.drain_timed_out", start=mark, timeout=15)
     assert timed_out["killed"] == [stubborn]
@@ -199,11 +202,11 @@ def test_self_upgrade_during_a_drain_hands_over_the_draining_generation(
         e
         for e in daemon.events[mark:]
         if e.get("event") == "generation.draining"
-        and e["generation"] == 1
+        and e["generation"] == 2
         and e.get("signalled_before")
     )
     assert adopted["pids"] == [stubborn]
-    daemon.wait_event("generation.drained", where=lambda e: e["generation"] == 1, start=mark)
+    daemon.wait_event("generation.drained", where=lambda e: e["generation"] == 2, start=mark)
     assert not pid_alive(stubborn)
     assert daemon.status()["draining_generations"] == []
 
