@@ -6,7 +6,7 @@ everything to its successor during a self-upgrade; a worker uses it through ``li
 Design notes:
 - The channel is an ``AF_UNIX``/``SOCK_SEQPACKET`` socket, which keeps message boundaries, so one
   ``recvmsg`` returns exactly one message with exactly its fds: no framing, no partial reads.
-- A message is one UTF-8 JSON object (``_FdChunk``: ``v``, ``op``, ``seq``, ``names``, ``more``,
+- A message is one UTF-8 JSON object (``_FdChunk``: ``v``, ``op``, ``seq``, ``more``, ``names``,
   and ``payload`` on the first chunk only) with the chunk's fds attached as SCM_RIGHTS. The
   names are listed in the order of the fds, so a name/fd count mismatch is detectable per chunk.
 - unix(7): the kernel accepts at most SCM_MAX_FD (253) fds in one message, so ``put`` splits the
@@ -16,9 +16,16 @@ Design notes:
   ``set_inheritable``. When anything is wrong (truncated ancillary data, a wrong version, a
   count mismatch, a hang-up mid-set) every fd received so far is closed before raising
   ``ProtocolError``: the caller never owns half a set, so there is nothing for it to leak.
-- Speed: the kernel's per-fd work (fget, fd install) is the floor. On top of it we pay one
-  ``json.dumps`` and one pydantic validation per chunk of 253, never per fd; fd numbers go
-  through ``array`` as one bytes blob. bench/handoff_fds.py measures the overhead.
+- Speed (bench/handoff_fds.py compares us with a bare ``send_fds``/``recv_fds`` loop): the
+  kernel's per-fd work (fget, fd install) is the floor, and nothing of ours runs per fd in Python.
+  Names and fds travel as two parallel sequences (``Received.names``/``Received.fd_numbers``);
+  ``put`` splits the pairs once with ``zip`` and packs the fds once into an ``array``, whose
+  slices become the SCM_RIGHTS data; ``get`` accumulates fds in an ``array``. A chunk in the
+  exact form our ``put`` writes is checked by ``_parse_canonical`` (one regex, one ``split``,
+  a quote count: it accepts only what the pydantic model accepts, with the same result), and
+  anything else (the payload chunk, escapes, another sender's spacing) goes through pydantic.
+  The trio functions try each syscall first and wait for the socket only on EAGAIN, with one
+  checkpoint per call rather than two scheduler round trips per chunk.
 - The async functions are for trio programs (the supervisor); the ``*_blocking`` twins speak the
   same wire format for workers that are not.
 """
@@ -26,16 +33,17 @@ Design notes:
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
+import re
 import select
 import socket
-import struct
 import time
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import TYPE_CHECKING, Final, Literal, final
 
+import trio
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from ._errors import ProtocolError
@@ -43,8 +51,6 @@ from ._notify import SCM_MAX_FD
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
-
-    import trio
 
 #: Version of the wire format; a peer speaking another one is refused with ProtocolError.
 PROTOCOL_VERSION: Final = 1
@@ -62,11 +68,26 @@ _ANCBUF_SIZE: Final = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE) + socket.CMSG_SPA
 # Linux-only flags; elsewhere we fall back to set_inheritable after the fact.
 _MSG_CMSG_CLOEXEC: Final[int] = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _MSG_NOSIGNAL: Final[int] = int(getattr(socket, "MSG_NOSIGNAL", 0))
-# Plain ints: the socket module's MsgFlag members are enum.IntFlag, whose ``&`` runs Python code.
-_NAME_OF: Final = itemgetter(0)
-_FD_OF: Final = itemgetter(1)
+# Plain ints: the socket module's constants are enum members, whose ``&`` runs Python code.
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 _MSG_TRUNC: Final = int(socket.MSG_TRUNC)
+_SOL_SOCKET: Final = int(socket.SOL_SOCKET)
+_SCM_RIGHTS: Final = int(socket.SCM_RIGHTS)
+
+# A chunk exactly as ``_messages`` writes it when it has no payload and its names need no JSON
+# escape. Field order, spacing and the version are fixed; ``seq`` is a JSON integer (no leading
+# zero). Anything else goes to pydantic, which then explains what is wrong.
+_CANONICAL_CHUNK: Final = re.compile(
+    rb'\{"v":' + str(PROTOCOL_VERSION).encode() + rb',"op":"put","seq":(0|[1-9][0-9]{0,17}),'
+    rb'"more":(true|false),"names":\[(.*)\]\}',
+    re.DOTALL,
+)
+# Bytes that JSON forbids raw in a string (U+0000..U+001F), or that a JSON string escapes ('"',
+# '\\'). UTF-8 never uses bytes below 0x80 inside a multi-byte character, so looking for them in
+# the encoded text is exact. ``bytes.translate`` deletes them in one C pass (a regex search is
+# five times slower).
+_JSON_SPECIAL: Final = bytes(range(0x20)) + b'"\\'
+_JSON_SPECIAL_BUT_QUOTE: Final = bytes(range(0x20)) + b"\\"
 
 
 class _FdChunk(BaseModel):
@@ -85,19 +106,33 @@ class _FdChunk(BaseModel):
 @final
 @dataclass(frozen=True)
 class Received:
-    """A complete fd set from ``get``: the caller owns every fd in ``fds`` and must close them.
+    """A complete fd set from ``get``: the caller owns every fd in it and must close them.
+
+    Names and fds are kept as two parallel lists, which is how they travel; ``fds`` pairs them.
 
     Attributes:
-        fds: ``(name, fd)`` pairs in the order they were put.
+        names: the fds' names, in the order they were put.
+        fd_numbers: the fds, in the same order as ``names``.
         payload: the JSON object sent with the set (``{}`` when none was sent).
     """
 
-    fds: list[tuple[str, int]]
+    names: list[str]
+    fd_numbers: list[int]
     payload: dict[str, JsonValue]
+
+    @property
+    def fds(self) -> list[tuple[str, int]]:
+        """``(name, fd)`` pairs in the order they were put (a new list on each access).
+
+        Example::
+
+            http = socket.socket(fileno=dict(received.fds)["http"])
+        """
+        return list(zip(self.names, self.fd_numbers, strict=True))
 
     def close(self) -> None:
         """Close every fd of the set, for a receiver that decides not to keep them."""
-        _close_all(fd for _, fd in self.fds)
+        _close_all(self.fd_numbers)
 
 
 def _close_all(fds: Iterable[int]) -> None:
@@ -121,26 +156,47 @@ def _check_seqpacket(sock: socket.socket | trio.socket.SocketType) -> None:
         )
 
 
-def _names_json(names: Sequence[str]) -> str:
-    joined = "".join(names)
-    # Printable names without '"' or '\\' (all sane names) need no JSON escaping and are joined
-    # directly: several times faster than json.dumps on 253 strings. Anything else takes the slow,
-    # always-correct path.
-    if joined.isprintable() and '"' not in joined and "\\" not in joined:
-        return '["' + '","'.join(names) + '"]' if names else "[]"
-    return json.dumps(list(names), ensure_ascii=False)
+@contextlib.contextmanager
+def _nonblocking_view(sock: trio.socket.SocketType) -> Iterator[socket.socket]:
+    """A stdlib socket over a trio socket's fd, for syscalls without trio's per-call checkpoints.
+
+    It never owns the fd (``detach``), and is non-blocking, as trio sockets always are (so this
+    changes no flag), whatever ``socket.setdefaulttimeout`` says.
+    """
+    view = socket.socket(fileno=sock.fileno())
+    try:
+        view.setblocking(False)
+        yield view
+    finally:
+        view.detach()
+
+
+def _split_pairs(fds: Sequence[tuple[str, int]]) -> tuple[tuple[str, ...], memoryview, bytes]:
+    """The names, the fds packed as C ints, and all the names concatenated in UTF-8."""
+    if not fds:
+        return (), memoryview(b""), b""
+    try:
+        names, numbers = zip(*fds, strict=True)
+        packed = array.array("i", numbers)
+        # A TypeError names the first name that is not a str; a UnicodeEncodeError a lone
+        # surrogate, which UTF-8 JSON cannot carry.
+        joined = "".join(names).encode()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(
+            f"a handoff set is a sequence of (name: str, fd: int) pairs with names in valid "
+            f"Unicode ({exc}); nothing was sent"
+        ) from None
+    return names, memoryview(packed).cast("B"), joined
 
 
 def _messages(
     fds: Sequence[tuple[str, int]], payload: Mapping[str, object] | None
-) -> Iterator[tuple[bytes, bytes]]:
-    """Yield the set's messages, ``(json bytes, SCM_RIGHTS bytes)``, one chunk at a time.
+) -> Iterator[tuple[bytes, list[tuple[int, int, memoryview]]]]:
+    """Yield the set's messages, ``(json bytes, ancillary data)``, one chunk at a time.
 
-    A generator, so that the first chunk is on its way while the next one is encoded; the
-    splitting of pairs is done per chunk with C-level ``map``, which is the cheapest way CPython
-    offers. A bad payload raises ``ValueError`` before the first message is yielded; a bad pair
-    (not ``(str, int)``) is a type error that mypy catches, and at run time raises ``ValueError``
-    at its chunk, after which the receiver sees a hang-up or a sequence error, never a wrong set.
+    Everything that can be wrong with the arguments (a bad payload, a pair that is not
+    ``(str, int)``) raises ``ValueError`` before the first message is yielded. A generator, so
+    that the first chunk is on its way while the next one is encoded.
     """
     try:
         payload_json = "" if payload is None else json.dumps(dict(payload), separators=(",", ":"))
@@ -149,20 +205,22 @@ def _messages(
             f"the handoff payload cannot be sent as JSON ({exc}); pass only dicts, lists, "
             "strings, numbers, booleans and None"
         ) from exc
-    total = len(fds)
+    names, packed, joined = _split_pairs(fds)
+    # Names that need no JSON escape (all sane names) are joined directly, several times faster
+    # than json.dumps; anything else takes the always-correct way.
+    plain = len(joined.translate(None, _JSON_SPECIAL)) == len(joined)
+    total = len(names)
     seq = 0
 
-    def encode(start: int, end: int) -> list[tuple[bytes, bytes]]:
+    def encode(start: int, end: int) -> list[tuple[bytes, list[tuple[int, int, memoryview]]]]:
         nonlocal seq
-        chunk = fds[start:end]
-        try:
-            names = list(map(_NAME_OF, chunk))
-            raw_fds = struct.pack(f"{len(chunk)}i", *map(_FD_OF, chunk))
-            names_json = _names_json(names)
-        except (TypeError, struct.error, IndexError) as exc:
-            raise ValueError(
-                f"a handoff set is a sequence of (name: str, fd: int) pairs ({exc})"
-            ) from None
+        chunk = names[start:end]
+        if not chunk:
+            names_json = "[]"
+        elif plain:
+            names_json = '["' + '","'.join(chunk) + '"]'
+        else:
+            names_json = json.dumps(chunk, ensure_ascii=False)
         more = "true" if end < total else "false"
         extra = f',"payload":{payload_json}' if seq == 0 and payload_json else ""
         data = (
@@ -171,7 +229,8 @@ def _messages(
         ).encode()
         if len(data) <= MAX_MESSAGE_BYTES:
             seq += 1
-            return [(data, raw_fds)]
+            raw = packed[start * _FD_SIZE : end * _FD_SIZE]
+            return [(data, [(_SOL_SOCKET, _SCM_RIGHTS, raw)] if raw else [])]
         if end - start > 1:
             # Long names: halve the chunk until its JSON fits one message.
             middle = (start + end) // 2
@@ -184,10 +243,6 @@ def _messages(
 
     for start in range(0, max(total, 1), SCM_MAX_FD):
         yield from encode(start, min(start + SCM_MAX_FD, total))
-
-
-def _ancillary(raw_fds: bytes) -> list[tuple[int, int, bytes]]:
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, raw_fds)] if raw_fds else []
 
 
 def _sent_error(sock: socket.socket | trio.socket.SocketType, exc: OSError) -> ProtocolError:
@@ -211,7 +266,7 @@ async def put(
 
         a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         await handoff.put(a, [("http", http_sock.fileno())], {"listeners": 1, "generation": 5})
-        received = await handoff.get(b)   # Received(fds=[("http", 7)], payload={...})
+        received = await handoff.get(b)   # received.fds == [("http", 7)], received.payload
 
     Args:
         sock: a connected ``AF_UNIX``/``SOCK_SEQPACKET`` trio socket.
@@ -220,14 +275,23 @@ async def put(
 
     Raises:
         ProtocolError: the peer has gone away.
-        ValueError: the socket is not SEQPACKET, or the payload is not JSON-able or too large.
+        ValueError: the socket is not SEQPACKET, a pair is not ``(str, int)``, or the payload is
+            not JSON-able or too large; nothing has been sent then.
     """
     _check_seqpacket(sock)
-    for data, raw_fds in _messages(fds, payload):
-        try:
-            await sock.sendmsg([data], _ancillary(raw_fds), _MSG_NOSIGNAL)
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            raise _sent_error(sock, exc) from exc
+    messages = _messages(fds, payload)
+    await trio.lowlevel.checkpoint_if_cancelled()
+    with _nonblocking_view(sock) as view:
+        for data, ancillary in messages:
+            while True:
+                try:
+                    view.sendmsg([data], ancillary, _MSG_NOSIGNAL)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(view)
+                except (BrokenPipeError, ConnectionResetError) as exc:
+                    raise _sent_error(sock, exc) from exc
+    await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 def put_blocking(
@@ -243,11 +307,41 @@ def put_blocking(
         handoff.put_blocking(a, [("stdin-copy", 0)], {"hello": "worker"})
     """
     _check_seqpacket(sock)
-    for data, raw_fds in _messages(fds, payload):
+    for data, ancillary in _messages(fds, payload):
         try:
-            sock.sendmsg([data], _ancillary(raw_fds), _MSG_NOSIGNAL)
+            sock.sendmsg([data], ancillary, _MSG_NOSIGNAL)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise _sent_error(sock, exc) from exc
+
+
+def _parse_canonical(data: bytes) -> tuple[int, bool, list[str]] | None:
+    """``(seq, more, names)`` of a chunk in our canonical form, or None to use pydantic.
+
+    Returns a result only for a message that ``_FdChunk.model_validate_json`` accepts with the
+    same ``seq``, ``more`` and ``names`` and no payload: the regex fixes every field but the
+    names; with no escape and no control byte, the only '"' in the names part are those of the
+    '","' separators (the quote count proves it), so splitting on them gives the JSON strings.
+    """
+    match = _CANONICAL_CHUNK.fullmatch(data)
+    if match is None:
+        return None
+    seq_text, more_text, body = match.groups()
+    if not body:
+        names: list[str] = []
+    else:
+        if body[:1] != b'"' or body[-1:] != b'"' or len(body) < 2:
+            return None
+        # The '"' are checked below, after the split; '\\' and control bytes go to pydantic.
+        if len(body.translate(None, _JSON_SPECIAL_BUT_QUOTE)) != len(body):
+            return None
+        try:
+            inner = body[1:-1].decode()
+        except UnicodeDecodeError:
+            return None
+        names = inner.split('","')
+        if inner.count('"') != 2 * (len(names) - 1):
+            return None
+    return int(seq_text), more_text == b"true", names
 
 
 @final
@@ -256,15 +350,16 @@ class _Assembly:
 
     def __init__(self, channel: str) -> None:
         self.channel = channel
-        self.fds: list[int] = []
-        self.pairs: list[tuple[str, int]] = []
+        self.fds = array.array("i")
+        self.names: list[str] = []
         self.payload: dict[str, JsonValue] = {}
         self.seq = 0
         self.buffer = bytearray(MAX_MESSAGE_BYTES)
+        self.view = memoryview(self.buffer)
 
     def close(self) -> None:
         _close_all(self.fds)
-        self.fds = []
+        self.fds = array.array("i")
 
     def fail(self, what: str) -> ProtocolError:
         return ProtocolError(
@@ -275,14 +370,15 @@ class _Assembly:
 
     def feed(self, nbytes: int, ancdata: list[tuple[int, int, bytes]], flags: int) -> bool:
         """Take one message; True when the set is complete. Raises ProtocolError."""
-        chunk_fds = array.array("i")
+        fds = self.fds
+        before = len(fds)
         for level, kind, data in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                chunk_fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
-        # Own the fds first, so that every error below closes them.
-        self.fds.extend(chunk_fds)
+            if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                # Own the fds first, so that every error below closes them.
+                fds.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+        count = len(fds) - before
         if not _MSG_CMSG_CLOEXEC:
-            for fd in chunk_fds:
+            for fd in fds[before:]:
                 os.set_inheritable(fd, False)
         if flags & _MSG_CTRUNC:
             raise self.fail(
@@ -294,31 +390,34 @@ class _Assembly:
             raise self.fail(
                 f"message {self.seq} is larger than MAX_MESSAGE_BYTES ({MAX_MESSAGE_BYTES})"
             )
-        if nbytes == 0 and not chunk_fds:
+        if nbytes == 0 and not count:
             if self.seq == 0:
                 raise self.fail("the peer closed the channel before sending an fd set")
             raise self.fail(
-                f"the peer hung up after {len(self.fds)} fd(s) in {self.seq} message(s), "
+                f"the peer hung up after {len(fds)} fd(s) in {self.seq} message(s), "
                 "before the end of the set"
             )
-        chunk = self._decode(self.buffer[:nbytes])
-        if len(chunk.names) != len(chunk_fds):
+        data = bytes(self.view[:nbytes])
+        canonical = _parse_canonical(data)
+        if canonical is not None:
+            seq, more, names = canonical
+        else:
+            chunk = self._decode(data)
+            seq, more, names = chunk.seq, chunk.more, chunk.names
+            if seq == 0 and chunk.payload is not None:
+                self.payload = chunk.payload
+        if len(names) != count:
+            raise self.fail(f"message {self.seq} names {len(names)} fd(s) but carries {count}")
+        if seq != self.seq:
             raise self.fail(
-                f"message {self.seq} names {len(chunk.names)} fd(s) but carries {len(chunk_fds)}"
-            )
-        if chunk.seq != self.seq:
-            raise self.fail(
-                f"expected message {self.seq} of the set, got message {chunk.seq} (two writers "
+                f"expected message {self.seq} of the set, got message {seq} (two writers "
                 "on one channel?)"
             )
-        if chunk.seq == 0 and chunk.payload is not None:
-            self.payload = chunk.payload
-        # Pairing per chunk, not at the end: the work hides in the wait for the next message.
-        self.pairs.extend(zip(chunk.names, chunk_fds, strict=True))
+        self.names += names
         self.seq += 1
-        return not chunk.more
+        return not more
 
-    def _decode(self, data: bytearray) -> _FdChunk:
+    def _decode(self, data: bytes) -> _FdChunk:
         try:
             chunk = _FdChunk.model_validate_json(data)
         except ValidationError as exc:
@@ -330,7 +429,7 @@ class _Assembly:
             )
         return chunk
 
-    def _explain(self, data: bytearray, exc: ValidationError) -> str:
+    def _explain(self, data: bytes, exc: ValidationError) -> str:
         try:
             obj: object = json.loads(data)
         except ValueError:
@@ -347,8 +446,25 @@ class _Assembly:
         return f"message {self.seq} is malformed ({problems})"
 
     def finish(self) -> Received:
-        self.fds = []
-        return Received(fds=self.pairs, payload=self.payload)
+        received = Received(names=self.names, fd_numbers=self.fds.tolist(), payload=self.payload)
+        self.fds = array.array("i")
+        return received
+
+
+def _receive_one(sock: socket.socket, assembly: _Assembly) -> bool:
+    """Read one message into ``assembly``; True when the set is complete.
+
+    Raises:
+        BlockingIOError: nothing to read yet, on a non-blocking socket.
+        ProtocolError: see ``get``.
+    """
+    try:
+        nbytes, ancdata, flags, _ = sock.recvmsg_into(
+            [assembly.buffer], _ANCBUF_SIZE, _MSG_CMSG_CLOEXEC
+        )
+    except ConnectionResetError:
+        nbytes, ancdata, flags = 0, [], 0
+    return assembly.feed(nbytes, ancdata, flags)
 
 
 async def get(sock: trio.socket.SocketType) -> Received:
@@ -370,18 +486,19 @@ async def get(sock: trio.socket.SocketType) -> Received:
     _check_seqpacket(sock)
     assembly = _Assembly(_channel(sock))
     try:
-        while True:
-            try:
-                nbytes, ancdata, flags, _ = await sock.recvmsg_into(
-                    [assembly.buffer], _ANCBUF_SIZE, _MSG_CMSG_CLOEXEC
-                )
-            except ConnectionResetError:
-                nbytes, ancdata, flags = 0, [], 0
-            if assembly.feed(nbytes, ancdata, flags):
-                return assembly.finish()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with _nonblocking_view(sock) as view:
+            while True:
+                try:
+                    if _receive_one(view, assembly):
+                        break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(view)
+        await trio.lowlevel.cancel_shielded_checkpoint()
     except BaseException:
         assembly.close()
         raise
+    return assembly.finish()
 
 
 def get_blocking(sock: socket.socket, timeout: float | None = None) -> Received:
@@ -412,13 +529,7 @@ def get_blocking(sock: socket.socket, timeout: float | None = None) -> Received:
                         f"no complete fd set arrived within {timeout} s; the sender stalled "
                         "(raise the timeout if the set is huge)"
                     )
-            try:
-                nbytes, ancdata, flags, _ = sock.recvmsg_into(
-                    [assembly.buffer], _ANCBUF_SIZE, _MSG_CMSG_CLOEXEC
-                )
-            except ConnectionResetError:
-                nbytes, ancdata, flags = 0, [], 0
-            if assembly.feed(nbytes, ancdata, flags):
+            if _receive_one(sock, assembly):
                 return assembly.finish()
     except BaseException:
         assembly.close()

@@ -135,7 +135,8 @@ def _load(environ: Mapping[str, str]) -> _Inherited:
         count = _listener_count(
             None if value is None else str(value), len(received.fds), 'the payload\'s "listeners"'
         )
-        return _Inherited(listeners=received.fds[:count], parked=received.fds[count:])
+        pairs = received.fds
+        return _Inherited(listeners=pairs[:count], parked=pairs[count:])
     if "LISTEN_FDS" in environ and "LISTEN_PID" in environ and environ["LISTEN_PID"] != str(pid):
         raise ListenPidMismatchError(
             f"LISTEN_PID={environ['LISTEN_PID']} but this process is {pid}: the fds were "

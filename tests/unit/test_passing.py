@@ -90,7 +90,8 @@ async def test_trio_round_trip_of_an_empty_set_and_no_payload(pair) -> None:
     await put(a, [])
     with trio.fail_after(5):
         received = await get(b)
-    assert received == Received(fds=[], payload={})
+    assert received == Received(names=[], fd_numbers=[], payload={})
+    assert received.fds == []
 
 
 @pytest.mark.parametrize(("count", "chunks"), [(252, [252]), (253, [253]), (254, [253, 1])])
@@ -251,3 +252,63 @@ def test_put_to_a_closed_peer_is_a_protocol_error(pair, pipes) -> None:
     b.close()
     with pytest.raises(ProtocolError, match="cannot send the fd set"):
         put_blocking(a, pipes[:1])
+
+
+def test_put_refuses_a_bad_pair_before_sending_anything(pair, pipes) -> None:
+    a, b = pair
+    bad = [*pipes[:300], ("x", "not an fd")]
+    with pytest.raises(ValueError, match=r"\(name: str, fd: int\) pairs"):
+        put_blocking(a, bad)  # type: ignore[list-item]
+    assert raw_messages(b) == [], "a bad pair in the last chunk must not leave the first one sent"
+
+
+CHUNK_CASES = [
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[]}',
+    b'{"v":1,"op":"put","seq":7,"more":true,"names":["a","b c","\xc3\xa9","]"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":[""]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["",""]}',
+    b'{"v":1,"op":"put","seq":01,"more":false,"names":["a"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["a"],"x":["b"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["a"b"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["a","b"c"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["a\\"b"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["a\tb"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["\xff"]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":[1]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":["a",]}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":"a"}',
+    b'{"v":1,"op":"put","seq":1,"more":false,"names":[" a "]} ',
+    b'{"v":2,"op":"put","seq":1,"more":false,"names":["a"]}',
+    b'{"v":1,"op":"put","seq":-1,"more":false,"names":["a"]}',
+    b'{"v": 1, "op": "put", "seq": 1, "more": false, "names": ["a"]}',
+]
+
+
+@pytest.mark.parametrize("data", CHUNK_CASES)
+def test_the_fast_chunk_check_accepts_only_what_pydantic_accepts_and_agrees(data: bytes) -> None:
+    from pydantic import ValidationError
+
+    from handoff._passing import _FdChunk, _parse_canonical
+
+    fast = _parse_canonical(data)
+    try:
+        model: _FdChunk | None = _FdChunk.model_validate_json(data)
+    except ValidationError:
+        model = None
+    if data in CHUNK_CASES[:4]:
+        assert fast is not None, "a chunk in our canonical form must take the fast path"
+    if fast is not None:
+        assert model is not None, "the fast path accepted what pydantic refuses"
+        assert model.v == PROTOCOL_VERSION
+        assert model.payload is None
+        assert fast == (model.seq, model.more, model.names)
+
+
+def test_the_fast_chunk_check_takes_every_chunk_our_put_writes(pair, pipes) -> None:
+    from handoff._passing import _messages, _parse_canonical
+
+    named = [(f"listener-{i}.é", fd) for i, (_, fd) in enumerate(pipes)]
+    messages = list(_messages(named, {"listeners": 3}))
+    assert len(messages) == 2
+    assert _parse_canonical(messages[0][0]) is None, "the payload chunk goes through pydantic"
+    assert _parse_canonical(messages[1][0]) == (1, False, [n for n, _ in named[253:]])
