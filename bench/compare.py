@@ -160,7 +160,7 @@ def act_none(ctx: Context) -> None:
 
 
 SCENARIOS = [
-    # --quick: 10 s, so that 7 peers × 5 scenarios fit in 3 minutes; --healthy-seconds overrides.
+    # --quick: 10 s, so that 7 peers x 5 scenarios fit in 3 minutes; --healthy-seconds overrides.
     Scenario("healthy", "1. Healthy upgrades, one per second", 10.0, 60.0, act_healthy),
     # Whole seconds: wrk's -d takes no fractions.
     Scenario("slow", "2. Slow-starting new version (2 s before it can serve)", 4.0, 10.0, act_slow),

@@ -246,9 +246,9 @@ def render(r: dict[str, Any]) -> str:
         SECTION_BEGIN,
         "## Supervisor cost (bench/supervisor_cost.py)",
         "",
-        f"{r['finished']}, command `{r['command']}`; {r['machine']['cpus']} × {r['machine']['cpu']}, "
+        f"{r['finished']}, command `{r['command']}`; {r['machine']['cpus']} x {r['machine']['cpu']}, "
         f"kernel {r['machine']['kernel']}; " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
-        f"Workers: 2 × `{' '.join(r['worker'])}`.",
+        f"Workers: 2 x `{' '.join(r['worker'])}`.",
         "",
         "| measure | value | target |",
         "|---|---|---|",
@@ -261,8 +261,8 @@ def render(r: dict[str, Any]) -> str:
         f"| worker alone: spawn → READY=1 (median) | {r['worker_ready_median_ms']} ms | |",
         f"| `handoffd upgrade` CLI wall time (median) | {r['cli_upgrade_median_ms']} ms | |",
         f"| upgrade over the control socket (median) | {r['socket_upgrade_median_ms']} ms | |",
-        f"| overhead, CLI − worker alone | {r['overhead_cli_ms']} ms | ≤ 5 ms |",
-        f"| overhead, control socket − worker alone | {r['overhead_socket_ms']} ms | ≤ 5 ms |",
+        f"| overhead, CLI - worker alone | {r['overhead_cli_ms']} ms | ≤ 5 ms |",
+        f"| overhead, control socket - worker alone | {r['overhead_socket_ms']} ms | ≤ 5 ms |",
         "",
         f"RSS every 100 upgrades (KiB): {r['rss_series_kib']}. Raw: bench/supervisor_cost.json.",
         SECTION_END,

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -194,7 +195,7 @@ class App:
             close = (
                 self.draining_since is not None
                 or b"\r\nconnection: close" in lower
-                or head.startswith(b"GET") and b" http/1.0" in lower.split(b"\r\n", 1)[0]
+                or (head.startswith(b"GET") and b" http/1.0" in lower.split(b"\r\n", 1)[0])
             )
             out.append(self.response(close))
             if close:
@@ -219,10 +220,8 @@ class App:
             self.ep.modify(conn.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
         elif conn.close_after:
             # Half-close first so the client reads the whole response before the FIN.
-            try:
+            with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
             self.close(conn)
         else:
             self.ep.modify(conn.sock.fileno(), select.EPOLLIN)
@@ -248,10 +247,8 @@ class App:
                 timeout = 0.1  # re-check the idle grace; a deadline, not a readiness poll
             for fd, events in self.ep.poll(timeout):
                 if fd == self.wake_r.fileno():
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         self.wake_r.recv(512)
-                    except BlockingIOError:
-                        pass
                     continue
                 lsock = self.listeners.get(fd)
                 if lsock is not None:

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
@@ -133,10 +134,8 @@ def main() -> None:
                     if line.startswith("MAINPID="):
                         ready.add(int(line[8:]))
             elif fd == wake_r.fileno():
-                try:
+                with contextlib.suppress(BlockingIOError):
                     wake_r.recv(512)
-                except BlockingIOError:
-                    pass
             elif fd in pidfds:
                 poller.unregister(fd)
                 pid = pidfds.pop(fd)
@@ -150,10 +149,8 @@ def main() -> None:
             announced = True
             notify(f"READY=1\nMAINPID={os.getpid()}")
     for pid in alive:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + STOP_TIMEOUT
     for pfd, pid in pidfds.items():
         left = max(0.0, deadline - time.monotonic())

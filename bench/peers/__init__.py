@@ -13,6 +13,7 @@ by USR2, a tableflip child), without touching anything the benchmark did not sta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -173,10 +174,8 @@ class Peer:
             for pid in group_alive(pgid):
                 self.killed.append(f"{pid} {_cmdline(pid)}")
             if group_alive(pgid):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         self.procs.clear()
         self.pgids.clear()
 

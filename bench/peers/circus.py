@@ -13,7 +13,17 @@ import signal
 import sys
 from typing import ClassVar
 
-from bench.peers import APP, START_TIMEOUT, Peer, ReloadOutcome, Requirement, free_port, run_command, wait_serving, which
+from bench.peers import (
+    APP,
+    START_TIMEOUT,
+    Peer,
+    ReloadOutcome,
+    Requirement,
+    free_port,
+    run_command,
+    wait_serving,
+    which,
+)
 
 INI = """\
 [circus]

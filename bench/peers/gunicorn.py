@@ -20,7 +20,16 @@ import sys
 import time
 from typing import ClassVar
 
-from bench.peers import APPS, START_TIMEOUT, Peer, ReloadOutcome, Requirement, free_port, wait_serving, which
+from bench.peers import (
+    APPS,
+    START_TIMEOUT,
+    Peer,
+    ReloadOutcome,
+    Requirement,
+    free_port,
+    wait_serving,
+    which,
+)
 
 
 class GunicornPeer(Peer):

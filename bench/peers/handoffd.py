@@ -104,7 +104,7 @@ class HandoffdPeer(Peer):
         wait_serving(self.address, START_TIMEOUT)
 
     def status(self) -> dict[str, object]:
-        rc, out = run_command(self.cli("status") + ["--json"], timeout=10)
+        rc, out = run_command([*self.cli("status"), "--json"], timeout=10)
         if rc != 0:
             return {}
         try:

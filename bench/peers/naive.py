@@ -14,7 +14,15 @@ import subprocess
 import sys
 from typing import ClassVar
 
-from bench.peers import LAUNCH, START_TIMEOUT, STOP_TIMEOUT, Peer, ReloadOutcome, free_port, wait_serving
+from bench.peers import (
+    LAUNCH,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    Peer,
+    ReloadOutcome,
+    free_port,
+    wait_serving,
+)
 
 
 class NaivePeer(Peer):

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import ClassVar
 
-from bench.peers import LAUNCH, START_TIMEOUT, ReloadOutcome, free_port, wait_serving
+from bench.peers import START_TIMEOUT, ReloadOutcome, free_port, wait_serving
 from bench.peers.naive import NaivePeer
 
 # How long a new instance may take to report READY=1 (the slow version needs 2 s).

@@ -12,13 +12,24 @@ The binary is built offline from Debian's packages in GOPATH mode (no module dow
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 from pathlib import Path
 from typing import ClassVar
 
-from bench.peers import APPS, BENCH, START_TIMEOUT, Peer, ReloadOutcome, Requirement, free_port, wait_serving, which
+from bench.peers import (
+    APPS,
+    BENCH,
+    START_TIMEOUT,
+    Peer,
+    ReloadOutcome,
+    Requirement,
+    free_port,
+    wait_serving,
+    which,
+)
 
 GO_SRC = APPS / "go"
 GOPATH = Path("/usr/share/gocode")
@@ -76,8 +87,6 @@ class TableflipPeer(Peer):
         return ReloadOutcome("none", "SIGHUP sent; the outcome is only in the app's log")
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError, ValueError):
             os.kill(self.current_pid(), signal.SIGTERM)
-        except (FileNotFoundError, ProcessLookupError, ValueError):
-            pass
         super().stop()
