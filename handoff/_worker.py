@@ -513,12 +513,14 @@ def _check_fdname(name: str) -> None:
         )
 
 
-def park(name: str, fd: int | _HasFileno) -> bool:
-    """Store ``fd`` with the supervisor under ``name``, for the next generation (``FDSTORE=1``).
+def park(name: str, fd: int | _HasFileno, *more: int | _HasFileno) -> bool:
+    """Store ``fd`` (and ``more``) with the supervisor under ``name``, for the next generation.
 
     Use it for what must outlive this process: a long-lived client connection, a connected UDP
     socket. The supervisor (or systemd, with ``FileDescriptorStoreMax=``) keeps a copy; the next
     generation gets it from ``parked()``. This process keeps its own fd, to close when done.
+    Several fds parked in one call travel in one datagram (``FDSTORE=1``, sd_notify(3)), so the
+    supervisor stores them together, in this order: a connection and a file holding its state.
     Returns False, sending nothing, without ``NOTIFY_SOCKET``.
 
     Example::
@@ -530,7 +532,7 @@ def park(name: str, fd: int | _HasFileno) -> bool:
         ValueError: ``name`` is not a valid fd name.
     """
     _check_fdname(name)
-    return notify(f"FDSTORE=1\nFDNAME={name}", (_fd_of(fd),))
+    return notify(f"FDSTORE=1\nFDNAME={name}", [_fd_of(f) for f in (fd, *more)])
 
 
 def unpark(name: str) -> bool:
