@@ -39,7 +39,7 @@ MAX_LINE: Final = 64 * 1024
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class StatusRequest(_Wire):

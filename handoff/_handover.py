@@ -81,6 +81,7 @@ from ._generation import AdoptedWorker, WorkerState
 from ._listeners import Listener
 from ._notify import NotifyReceiver, notify
 from ._passing import Received, get, put
+from ._paths import HANDOVER_FD_ENV
 from ._spawn import WorkerProcess, adopt_process, describe_exit, spawn_worker
 
 if TYPE_CHECKING:
@@ -94,8 +95,6 @@ log: structlog.stdlib.BoundLogger = structlog.get_logger()
 STATE_VERSION: Final = 1
 #: The oldest state version this handoffd can still read (migrating it in ``_migrate``).
 OLDEST_STATE_VERSION: Final = 1
-#: The variable naming the handover channel's fd in a successor supervisor.
-HANDOVER_FD_ENV: Final = "HANDOFF_SUPERVISOR_FD"
 
 # Variables a successor must not take for its own: systemd's LISTEN_* name the old pid's fds.
 _NOT_FOR_SUCCESSOR: Final = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", HANDOVER_FD_ENV)
@@ -108,7 +107,7 @@ _BARRIER_TIMEOUT_S: Final = 10.0
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class HandedWorker(_Model):

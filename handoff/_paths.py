@@ -9,10 +9,15 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+
+#: The variable naming the handover channel's fd in a successor supervisor (see ``_handover``);
+#: here so that a start-up that is not a handover need not load the handover's models.
+HANDOVER_FD_ENV: Final = "HANDOFF_SUPERVISOR_FD"
 
 
 def runtime_dir_for(configured: Path | None, environ: Mapping[str, str]) -> Path:

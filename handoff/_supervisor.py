@@ -71,17 +71,9 @@ from ._generation import (
     run_adopted_generation,
     run_generation,
 )
-from ._handover import (
-    HANDOVER_FD_ENV,
-    Handover,
-    Successor,
-    bind_staged_control_socket,
-    offer,
-    snapshot,
-    staged_control_path,
-    successor_command,
-)
 from ._listeners import Listener, adopt_inherited, bind_listener
+from ._memory import release_after_startup, release_after_upgrade
+from ._paths import HANDOVER_FD_ENV
 from ._systemd import (
     InheritedFd,
     SystemdNotifier,
@@ -94,6 +86,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
     from ._config import ProgramConfig
+    from ._handover import Handover, Successor
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -410,6 +403,9 @@ class Supervisor(ControlHandler):
                         "container, so it cannot hand over; restart the container instead"
                     )
                 # The same check the new one makes, here for the exact message and no spawn.
+                # Imported on use: the handover's models cost ~1.5 MB the daemon need not carry.
+                from ._handover import offer, snapshot, successor_command
+
                 loaded = load_config(self.loaded.path)
                 argv = successor_command(ticket.request.exec_path, loaded.path, self.environ)
                 phase("config_loaded", str(loaded.path))
@@ -478,6 +474,8 @@ class Supervisor(ControlHandler):
         if self._control_path is not None:
             for pid in spawned:
                 with suppress(FileNotFoundError):
+                    from ._handover import staged_control_path
+
                     staged_control_path(self._control_path, pid).unlink()
         self.systemd.send(f"MAINPID={os.getpid()}")
         for gen in gens:
@@ -563,6 +561,7 @@ class Supervisor(ControlHandler):
                 duration_s=reply.duration_s,
             )
             self.systemd.ready(self.status_text())
+        release_after_upgrade()
         return reply
 
     def _reconcile_listeners(
@@ -834,6 +833,8 @@ async def run_supervisor(
         if handover_fd is None:
             sup.listeners = open_listeners(loaded, environ, sup.systemd)
         else:
+            from ._handover import Handover
+
             handover = await Handover.receive(
                 handover_fd, loaded.path, config.supervisor.self_upgrade_timeout
             )
@@ -848,6 +849,8 @@ async def run_supervisor(
                 control = bind_control_socket(control_path)
             else:
                 # Bound now (a failure is the old one's to hear about), in place at the commit.
+                from ._handover import bind_staged_control_socket
+
                 try:
                     control, staged = bind_staged_control_socket(control_path)
                 except OSError as exc:
@@ -881,6 +884,7 @@ async def run_supervisor(
                 sup.state = "running"
                 if config.supervisor.pid_file is not None:
                     write_pid_file(config.supervisor.pid_file)
+                release_after_startup()
                 log.info(
                     "supervisor.ready",
                     generation=sup.current.number if sup.current else None,

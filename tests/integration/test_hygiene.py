@@ -80,6 +80,20 @@ def context_switches(pid: int) -> int:
     return total
 
 
+def blocked_in_epoll(pid: int) -> bool:
+    with open(f"/proc/{pid}/wchan") as f:
+        return f.read().strip() == "do_epoll_wait"
+
+
+def epoll_timeout_ms(pid: int) -> int | None:
+    """The timeout argument of the epoll_wait the process sleeps in (x86_64 numbering)."""
+    with open(f"/proc/{pid}/syscall") as f:
+        fields = f.read().split()
+    if fields[0] in ("232", "281"):  # epoll_wait, epoll_pwait
+        return int(fields[4], 16)
+    return None
+
+
 def test_idle_supervisor_makes_no_wakeups(run_daemon: Callable[..., Daemon]) -> None:
     """No timers, no polling: an idle supervisor sleeps in epoll until something happens.
 
@@ -87,9 +101,15 @@ def test_idle_supervisor_makes_no_wakeups(run_daemon: Callable[..., Daemon]) -> 
     """
     import time
 
+    from tests.daemon import wait_until
+
     daemon = run_daemon(processes=1)
     pid = daemon.proc.pid
+    wait_until(lambda: blocked_in_epoll(pid), 10, "the supervisor to block in epoll_wait")
     before = context_switches(pid)
     time.sleep(2.0)
     after = context_switches(pid)
     assert after - before == 0, f"idle supervisor woke up {after - before} times in 2 s"
+    timeout = epoll_timeout_ms(pid)
+    if timeout is not None:  # trio's "forever" is a day: no deadline is pending at all
+        assert timeout >= 3_600_000, f"epoll_wait timeout {timeout} ms: some timer is armed"
