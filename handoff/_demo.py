@@ -86,6 +86,9 @@ TICKER_PREFIX: Final = "ticker-"
 MAX_LINE: Final = 4096
 # How long one write to a ticker client may take before the client is given up as stuck.
 TICKER_SEND_TIMEOUT: Final = 10.0
+# The state file holds a successor record (pid and generation of the worker waiting to take the
+# connection over, written before it says READY=1) in its first bytes, and the JSON state after.
+_SUCCESSOR_SIZE: Final = 64
 # fcntl(2) struct flock on Linux (x86-64, arm64): l_type, l_whence, l_start, l_len, l_pid, padding.
 _FLOCK: Final = struct.Struct("hhqqi4x")
 # Handing over a connection needs memfd_create(2), pidfd_open(2) and record locks: Linux.
@@ -221,16 +224,38 @@ def _write_state(ticker: _Ticker, state: _DemoState, closed: bool = False) -> No
             "generation": state.generation,
         }
     ).encode()
-    os.pwrite(ticker.state_fd, data, 0)
-    os.ftruncate(ticker.state_fd, len(data))
+    os.pwrite(ticker.state_fd, data, _SUCCESSOR_SIZE)
+    os.ftruncate(ticker.state_fd, _SUCCESSOR_SIZE + len(data))
 
 
 def _read_state(fd: int) -> dict[str, object]:
     try:
-        saved: object = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        saved: object = json.loads(os.pread(fd, 1 << 16, _SUCCESSOR_SIZE) or b"{}")
     except ValueError:
         saved = {}
     return {str(k): v for k, v in saved.items()} if isinstance(saved, dict) else {}
+
+
+def _register_successor(fd: int, state: _DemoState) -> None:
+    os.pwrite(fd, f"{state.pid} {state.generation}".encode().ljust(_SUCCESSOR_SIZE), 0)
+
+
+def _successor_waits(fd: int, state: _DemoState) -> bool:
+    """Whether a live worker of a newer generation waits to take this connection over."""
+    try:
+        pid_text, generation_text = os.pread(fd, _SUCCESSOR_SIZE, 0).split()
+        pid, generation = int(pid_text), int(generation_text)
+    except ValueError:  # no record (zeros), or not ours
+        return False
+    if generation <= int(state.generation):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another uid
+        return True
+    return True
 
 
 def _try_lock(fd: int) -> bool:
@@ -338,9 +363,14 @@ async def _serve_ticker(ticker: _Ticker, state: _DemoState) -> None:
                 _write_state(ticker, state)
         finally:
             state.ticker_scopes.discard(drain)
-    if drain.cancelled_caught:
+    handing_over = ticker.state_fd is not None and _successor_waits(ticker.state_fd, state)
+    if drain.cancelled_caught and ticker.name is not None and handing_over:
         _write_state(ticker, state)
-    else:  # the client left (or stopped reading): nobody is to serve this connection again
+    else:
+        # The client left or stopped reading, or nobody will take over: handoffd is stopping,
+        # or the connection arrived after the next generation had taken the parked list.
+        if drain.cancelled_caught:
+            await _send(ticker, _line("bye", "(nobody takes over: please reconnect)", state))
         _write_state(ticker, state, closed=True)
         if ticker.name is not None:
             unpark(ticker.name)
@@ -369,28 +399,25 @@ async def _accept_tickers(
         nursery.start_soon(_serve_ticker, ticker, state)
 
 
-async def _adopt_ticker(name: str, fds: list[int], state: _DemoState) -> None:
+async def _adopt_ticker(name: str, conn_fd: int, state_fd: int, state: _DemoState) -> None:
     """Serve a ticker connection parked by an earlier worker, once that worker lets go."""
-    conns = [fd for fd in fds if stat.S_ISSOCK(os.fstat(fd).st_mode)]
-    files = [fd for fd in fds if stat.S_ISREG(os.fstat(fd).st_mode)]
     owned = False
-    if len(conns) == 1 and len(files) == 1 and len(fds) == 2:
-        with trio.CancelScope() as drain:
-            state.ticker_scopes.add(drain)
-            try:
-                owned = await _wait_for_lock(files[0], state)
-            finally:
-                state.ticker_scopes.discard(drain)
-    saved = _read_state(files[0]) if owned else {}
+    with trio.CancelScope() as drain:
+        state.ticker_scopes.add(drain)
+        try:
+            owned = await _wait_for_lock(state_fd, state)
+        finally:
+            state.ticker_scopes.discard(drain)
+    saved = _read_state(state_fd) if owned else {}
     if not owned or saved.get("closed") is True:
-        for fd in fds:
-            os.close(fd)
+        os.close(conn_fd)
+        os.close(state_fd)
         return
     tick, pending = saved.get("tick"), saved.get("pending")
     ticker = _Ticker(
-        sock=trio.socket.from_stdlib_socket(socket.socket(fileno=conns[0])),
+        sock=trio.socket.from_stdlib_socket(socket.socket(fileno=conn_fd)),
         name=name,
-        state_fd=files[0],
+        state_fd=state_fd,
         tick=tick if isinstance(tick, int) else 0,
         pending=pending.encode("latin-1") if isinstance(pending, str) else b"",
     )
@@ -399,10 +426,18 @@ async def _adopt_ticker(name: str, fds: list[int], state: _DemoState) -> None:
 
 
 def _start_adopting(state: _DemoState, nursery: trio.Nursery) -> None:
-    """Worker 0 adopts the parked ticker connections; every other worker closes its copies."""
+    """Worker 0 adopts the parked ticker connections; every other worker closes its copies.
+
+    Runs before READY=1: the successor record must be in place before the supervisor tells the
+    previous generation to drain, which is when the old server looks for it.
+    """
     for name, fds in parked_fds().items():
-        if name.startswith(TICKER_PREFIX) and state.worker == "0" and _CAN_HAND_OVER:
-            nursery.start_soon(_adopt_ticker, name, fds, state)
+        conns = [fd for fd in fds if stat.S_ISSOCK(os.fstat(fd).st_mode)]
+        files = [fd for fd in fds if stat.S_ISREG(os.fstat(fd).st_mode)]
+        ours = name.startswith(TICKER_PREFIX) and len(fds) == 2 and len(conns) == len(files) == 1
+        if ours and state.worker == "0" and _CAN_HAND_OVER:
+            _register_successor(files[0], state)
+            nursery.start_soon(_adopt_ticker, name, conns[0], files[0], state)
         else:
             for fd in fds:
                 os.close(fd)

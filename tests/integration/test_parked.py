@@ -167,3 +167,26 @@ def test_a_parked_connection_keeps_talking_across_three_upgrades(
         10,
         f"the supervisor to close the parked fds ({supervisor_fds(daemon)} vs {baseline})",
     )
+
+
+def test_a_ticker_connection_nobody_takes_over_gets_a_bye_line_and_a_clean_close(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(
+        processes=1,
+        command=DEMO,
+        listeners=[("http", "127.0.0.1:0"), ("ticker", "127.0.0.1:0")],
+        extra_program='[program.env]\nHANDOFF_DEMO_TICK_INTERVAL = "0.1"\n',
+    )
+    with socket.create_connection(daemon.address("ticker"), timeout=10) as conn:
+        reader = conn.makefile("rb")
+        first = reader.readline().decode()
+        assert first.startswith("tick 1 from generation 1 "), first
+        wait_until(lambda: len(ticker_names(daemon)) == 1, 10, "the connection to be parked")
+        assert daemon.stop() == 0  # no next generation: the server must not leave it hanging
+        rest = reader.read().decode().splitlines()
+        reader.close()
+    assert rest, "the server said nothing before closing"
+    assert rest[-1].startswith("bye (nobody takes over: please reconnect) from generation 1 "), rest
+    ticks = [int(line.split()[1]) for line in [first, *rest[:-1]]]
+    assert ticks == list(range(1, len(ticks) + 1))
