@@ -236,6 +236,7 @@ def test_notify_functions_send_exact_datagrams_with_the_parked_fd(tmp_path: Path
             handoff.reloading(),
             handoff.watchdog(),
             handoff.stopping(),
+            handoff.park("client-2", conn, conn.fileno()),  # several fds, one datagram
         ]
         conn.detach()
         print(json.dumps(sent))
@@ -243,9 +244,9 @@ def test_notify_functions_send_exact_datagrams_with_the_parked_fd(tmp_path: Path
         env={"NOTIFY_SOCKET": path},
         pass_fds=[conn_a.fileno()],
     )
-    assert out == [True] * 7
+    assert out == [True] * 8
     messages = []
-    for _ in range(7):
+    for _ in range(8):
         data, ancdata, _, _ = receiver.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
         fds = array.array("i")
         for _, _, payload in ancdata:
@@ -260,8 +261,12 @@ def test_notify_functions_send_exact_datagrams_with_the_parked_fd(tmp_path: Path
         {"RELOADING": "1"},
         {"WATCHDOG": "1"},
         {"STOPPING": "1"},
+        {"FDSTORE": "1", "FDNAME": "client-2"},
     ]
-    assert [len(m.fds) for m in messages] == [0, 0, 1, 0, 0, 0, 0]
+    assert [len(m.fds) for m in messages] == [0, 0, 1, 0, 0, 0, 0, 2]
+    for fd in messages[7].fds:
+        assert os.fstat(fd).st_ino == os.fstat(conn_a.fileno()).st_ino
+        os.close(fd)
     (parked_fd,) = messages[2].fds
     with socket.socket(fileno=parked_fd) as parked, conn_a, conn_b:
         parked.sendall(b"same connection")
