@@ -339,6 +339,9 @@ class Supervisor(ControlHandler):
                 if self.successor_pid is not None:
                     await self._exit_after_handover(ticket)
                     return
+                # Let the callers' replies go out first; then return the upgrade's freed heap.
+                await trio.lowlevel.checkpoint()
+                release_after_upgrade()
 
     async def _exit_after_handover(self, ticket: UpgradeTicket) -> None:
         """Answer every caller (requests that came meanwhile fail: resend them), then exit."""
@@ -561,7 +564,6 @@ class Supervisor(ControlHandler):
                 duration_s=reply.duration_s,
             )
             self.systemd.ready(self.status_text())
-        release_after_upgrade()
         return reply
 
     def _reconcile_listeners(
