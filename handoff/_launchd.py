@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Final, final
 from ._errors import ListenerError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
     from typing import TypeAlias
 
     _IntArrayPtr: TypeAlias = ctypes._Pointer[ctypes.c_int]
@@ -160,3 +160,37 @@ def activate_socket(name: str, *, library: LaunchdLibrary | None = None) -> list
     for fd in fds:
         os.set_inheritable(fd, False)
     return fds
+
+
+def launchd_sockets(
+    names: Sequence[str], *, library: LaunchdLibrary | None = None
+) -> list[tuple[str, int]] | None:
+    """The sockets launchd holds for these ``Sockets`` names, or None when launchd is not ours.
+
+    This is how handoffd inherits listeners when launchd started it: each configured listener
+    name is asked for once; a name the plist does not declare (ENOENT) is left for handoffd to
+    bind. Returns None (asking nothing) off macOS unless a ``library`` is given, and when the
+    process was not started by launchd (ESRCH).
+
+    Raises:
+        ListenerError: launchd refused for another reason (the message names the socket).
+    """
+    if library is None and sys.platform != "darwin":
+        return None
+    found: list[tuple[str, int]] = []
+    for name in names:
+        try:
+            fds = activate_socket(name, library=library)
+        except ListenerError as exc:
+            code = exc.__cause__.errno if isinstance(exc.__cause__, OSError) else None
+            if code == errno.ENOENT:
+                continue
+            if code == errno.ESRCH:
+                for _, fd in found:
+                    os.close(fd)
+                return None
+            for _, fd in found:
+                os.close(fd)
+            raise
+        found += [(name, fd) for fd in fds]
+    return found

@@ -71,6 +71,7 @@ from ._generation import (
     run_adopted_generation,
     run_generation,
 )
+from ._launchd import LaunchdLibrary, launchd_sockets
 from ._listeners import Listener, adopt_inherited, bind_listener
 from ._memory import release_after_startup, release_after_upgrade
 from ._paths import HANDOVER_FD_ENV
@@ -730,9 +731,15 @@ def _reap_orphans(known: set[int]) -> None:
 
 
 def open_listeners(
-    loaded: LoadedConfig, environ: Mapping[str, str], systemd: SystemdNotifier | None = None
+    loaded: LoadedConfig,
+    environ: Mapping[str, str],
+    systemd: SystemdNotifier | None = None,
+    launchd: LaunchdLibrary | None = None,
 ) -> dict[str, Listener]:
     """Inherit what the service manager passed (by name, then by address), bind the rest.
+
+    systemd's LISTEN_FDS come first; without them, on macOS, launchd is asked for a socket
+    named like each listener (``launchd`` injects its library, for tests on Linux).
 
     An unclaimed fd that is closed is also removed from systemd's fd store: after a crash the
     store may still hold a listener that an upgrade dropped, and it would stay bound (accepting
@@ -750,6 +757,11 @@ def open_listeners(
             pid=os.getpid(),
             reason="LISTEN_PID names another process",
         )
+    if inherited is None:
+        from_launchd = launchd_sockets([lc.name for lc in config.listener], library=launchd)
+        if from_launchd:
+            inherited = [InheritedFd(fd=fd, name=name) for name, fd in from_launchd]
+            log.info("launchd.sockets_inherited", names=sorted({n for n, _ in from_launchd}))
     claimed, unclaimed = adopt_inherited(config.listener, _without_duplicates(inherited or []))
     for item in unclaimed:
         if config.supervisor.keep_unclaimed:

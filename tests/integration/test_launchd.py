@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from handoff._config import LoadedConfig, load_config
 from handoff._errors import ListenerError
-from handoff._launchd import LaunchdLibrary, activate_socket, load_libsystem
+from handoff._launchd import LaunchdLibrary, activate_socket, launchd_sockets, load_libsystem
+from handoff._supervisor import open_listeners
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -166,3 +168,44 @@ def test_shipped_plist_declares_a_socket_named_like_the_shipped_socket_units_lis
     assert plist["ProgramArguments"][:2] == ["/usr/local/bin/handoffd", "run"]
     assert list(plist["Sockets"]) == ["http"]
     assert "FileDescriptorName=http" in socket_unit
+
+
+def _two_listener_config(tmp_path: Path) -> LoadedConfig:
+    path = tmp_path / "handoffd.toml"
+    path.write_text(
+        '[[listener]]\nname = "http"\naddress = "127.0.0.1:0"\n'
+        '[[listener]]\nname = "admin"\naddress = "127.0.0.1:0"\n'
+        '[program]\ncommand = ["true"]\n'
+    )
+    return load_config(path)
+
+
+def test_supervisor_takes_launchd_sockets_by_listener_name_and_binds_the_rest(
+    stub: ctypes.CDLL, library: LaunchdLibrary, tmp_path: Path
+) -> None:
+    assert stub.stub_declare(b"http", 1) == 0  # the plist declares "http" only
+    listeners = open_listeners(_two_listener_config(tmp_path), {}, launchd=library)
+    try:
+        assert listeners["http"].origin == "inherited"
+        assert listeners["http"].sock.getsockname() == ("127.0.0.1", stub.stub_port(b"http", 0))
+        assert listeners["admin"].origin == "bound"
+    finally:
+        for li in listeners.values():
+            li.close()
+
+
+def test_supervisor_not_started_by_launchd_binds_everything(
+    stub: ctypes.CDLL, library: LaunchdLibrary, tmp_path: Path
+) -> None:
+    assert stub.stub_declare(b"http", 1) == 0
+    stub.stub_set_managed(0)  # launch_activate_socket answers ESRCH
+    listeners = open_listeners(_two_listener_config(tmp_path), {}, launchd=library)
+    try:
+        assert {li.origin for li in listeners.values()} == {"bound"}
+    finally:
+        for li in listeners.values():
+            li.close()
+
+
+def test_launchd_is_not_asked_off_macos_without_a_library() -> None:
+    assert launchd_sockets(["http"]) is None
