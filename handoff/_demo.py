@@ -26,7 +26,7 @@ config/handoffd.toml) speaks a line protocol: every second the server writes
 ``tick N from generation G pid P``, and it answers each line you send with
 ``echo <line> from generation G pid P``. Keep one open and upgrade::
 
-    python3 -c 'import socket,sys; s=socket.create_connection(("127.0.0.1",8081)); [sys.stdout.write(l) for l in s.makefile()]' &
+    python3 -c 'import socket; s=socket.create_connection(("127.0.0.1",8081)); [print(l,end="",flush=True) for l in s.makefile()]' &
     handoffd upgrade --config config/handoffd.toml      # ticks go on, now from generation 2
 
 (``nc 127.0.0.1 8081`` works too, and lets you type lines to be echoed.) The same TCP connection
@@ -34,23 +34,27 @@ is served by each generation in turn: tick numbers go on without a gap or a repe
 you send is lost. How:
 
 - At accept, the worker parks the connection with the supervisor (``handoff.park``) under a
-  unique name, ``ticker-<uuid>``, together with a small state file (a memfd: the next tick
+  unique name, ``ticker-<uuid>``, together with a small state file (a memfd: the last tick
   number, and any part of a line not answered yet). Every worker started later receives both.
 - Exactly one process serves a connection: the one holding a POSIX record lock (``fcntl(2)``
   ``F_SETLK``, on byte 0 of the state file). Record locks belong to a process, not to an open
   file, so the lock tells processes that share the very same file apart, and the kernel drops
   it when its holder exits or closes the file; no process can serve a stale copy.
 - Of a new generation, only worker 0 (``HANDOFF_WORKER``) adopts parked connections; the
-  others close their copies at once (with ``processes = 2`` both receive every parked fd). It
-  takes the lock if it is free (the previous server crashed, or has let go), and otherwise
-  waits, on a pidfd, for the holder to exit: the holder is a worker of an older generation that
-  will be told to drain once this generation is ready (the next generation is started before the
-  old one drains, so handing over at accept time, not at SIGTERM, is what makes this work). A
-  connection held by a live worker of the same generation (a restarted worker 0 sees those)
-  is left to it.
+  others close their copies at once (with ``processes = 2`` both receive every parked fd).
+  Before READY=1 it writes itself into the state file as the successor; then it takes the lock
+  if it is free (the previous server crashed, or has let go), and otherwise waits, on a pidfd,
+  for the holder to exit: the holder is a worker of an older generation that will be told to
+  drain once this generation is ready (the next generation is started before the old one
+  drains, so parking at accept time, not at SIGTERM, is what makes this work). A connection
+  held by a live worker of the same generation (a restarted worker 0 sees those) is left to it.
 - On SIGTERM, a worker stops reading its ticker connections (a cancelled ``recv`` takes no
   bytes), saves the state and closes its copies, which releases the lock. The ticks pause
   while the old worker finishes its drain and exits, then the new generation carries on.
+  When no newer worker is registered as the successor (handoffd is stopping, or the connection
+  arrived after the next generation had taken the parked fds), the worker writes
+  ``bye (nobody takes over: please reconnect) ...`` and closes the connection instead of leaving
+  it hanging until some later upgrade.
 - When the client disconnects, the serving worker unparks the name (``handoff.unpark``), so the
   supervisor closes its copies, and ``handoffd status`` no longer lists it.
 """
