@@ -172,8 +172,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print("listeners:")
     for li in reply["listeners"]:  # type: ignore[attr-defined]
         print(f"  {li['name']:<12} {li['address']}  (fd {li['fd']}, {li['origin']})")
-    if reply.get("parked"):
-        print(f"parked fds: {', '.join(reply['parked'])}")  # type: ignore[arg-type]
+    parked = reply.get("parked")
+    if isinstance(parked, list) and parked:
+        # One name per parked set; a name parked with several fds is listed once, with a count.
+        counts: dict[str, int] = {}
+        for name in parked:
+            counts[str(name)] = counts.get(str(name), 0) + 1
+        shown = [name if n == 1 else f"{name} ({n} fds)" for name, n in counts.items()]
+        print(f"parked fds: {', '.join(shown)}")
     last = reply.get("last_upgrade")
     if isinstance(last, dict):
         why = f": {last['reason']}" if last.get("reason") else ""
