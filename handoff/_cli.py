@@ -154,11 +154,23 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     return EXIT_OK if reply.get("ok") else EXIT_UPGRADE_FAILED
 
 
+def _error_reply(reply: dict[str, object]) -> int | None:
+    """Print the daemon's error reply (if it is one) and return the exit code for it."""
+    error = reply.get("error")
+    if reply.get("ok") is False and isinstance(error, dict):
+        print(f"handoffd: {error.get('message', error)}", file=sys.stderr)
+        return EXIT_USAGE
+    return None
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     reply = call(_socket_path(args), {"op": "status"}, timeout=10)
     if args.json:
         _print_json(reply)
-        return EXIT_OK
+        return EXIT_OK if reply.get("ok") is not False else EXIT_USAGE
+    failed = _error_reply(reply)
+    if failed is not None:
+        return failed
     print(
         f"handoffd pid {reply['pid']} ({reply['version']}) {reply['state']}, config {reply['config']}"
     )
@@ -193,7 +205,10 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
     if not args.json:
         print("handoffd is stopping: draining workers", flush=True)
-    call(path, {"op": "stop"}, timeout=10, wait_closed=not args.no_wait)
+    reply = call(path, {"op": "stop"}, timeout=10, wait_closed=not args.no_wait)
+    failed = _error_reply(reply)
+    if failed is not None:
+        return failed
     if not args.json and not args.no_wait:
         print("handoffd stopped")
     return EXIT_OK
@@ -214,8 +229,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HandoffError as exc:
         print(f"handoffd: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BaseExceptionGroup as group:
+        # The daemon's nurseries raise groups; ours (HandoffError) are reported, one line each,
+        # and anything else is a bug that keeps its traceback.
+        ours, rest = group.split(HandoffError)
+        if ours is None or rest is not None:
+            raise
+        errors = _leaves(ours)
+        for error in errors:
+            print(f"handoffd: {error}", file=sys.stderr)
+        return errors[0].exit_code
     except KeyboardInterrupt:
         return EXIT_UPGRADE_FAILED
+
+
+def _leaves(group: BaseExceptionGroup[HandoffError]) -> list[HandoffError]:
+    found: list[HandoffError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found += _leaves(exc)
+        else:
+            found.append(exc)
+    return found
 
 
 if __name__ == "__main__":

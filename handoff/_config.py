@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import ConfigError
 from ._paths import control_socket_for, runtime_dir_for
@@ -221,6 +221,16 @@ class ProgramConfig(_Model):
     def _check_signal(cls, value: str) -> str:
         parse_signal(value)
         return value
+
+    @model_validator(mode="after")
+    def _delay_fits_timeout(self) -> ProgramConfig:
+        delay = parse_ready(self.ready)
+        if delay is not None and delay >= self.ready_timeout:
+            raise ValueError(
+                f'ready = "{self.ready}" waits {delay:g}s, which is not shorter than ready_timeout '
+                f"= {self.ready_timeout:g}s: every generation would fail; raise ready_timeout"
+            )
+        return self
 
     @property
     def ready_delay(self) -> float | None:

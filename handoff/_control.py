@@ -15,6 +15,7 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -153,8 +154,12 @@ class ControlHandler(Protocol):
     def stop(self) -> None: ...
 
 
-def bind_control_socket(path: Path) -> socket.socket:
-    """Bind the control socket at ``path`` atomically (bind a temp name, chmod 0600, rename)."""
+def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
+    """Bind the control socket at ``path`` atomically (bind a temp name, chmod, rename).
+
+    ``mode`` is 0600 unless other uids are allowed: connect(2) on a Unix socket needs write
+    permission on its file, and SO_PEERCRED then decides who may talk.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -162,7 +167,7 @@ def bind_control_socket(path: Path) -> socket.socket:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         sock.bind(str(temp))
-        os.chmod(temp, 0o600)
+        os.chmod(temp, mode)
         sock.listen(64)
         os.rename(temp, path)
     except BaseException:
@@ -177,6 +182,14 @@ def peer_uid(sock: trio.socket.SocketType) -> int:
     return int(uid)
 
 
+# accept(2) errors that mean "out of a resource right now" (as trio's ACCEPT_CAPACITY_ERRNOS):
+# back off briefly and try again, instead of dying or spinning.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_BACKOFF_S: Final = 0.1
+
+
 async def serve_control(
     listener: socket.socket,
     handler: ControlHandler,
@@ -184,12 +197,24 @@ async def serve_control(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept control connections until cancelled; each connection runs in its own task."""
+    """Accept control connections until cancelled; each connection runs in its own task.
+
+    Nothing a client does (or the kernel says about one connection) may end this loop: it is
+    a task of the root nursery, and its death would take every worker with it.
+    """
     sock = trio.socket.from_stdlib_socket(listener)
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
-            conn, _ = await sock.accept()
+            try:
+                conn, _ = await sock.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    log.warning(
+                        "control.accept_failed", error=str(exc), retry_in_s=_ACCEPT_BACKOFF_S
+                    )
+                    await trio.sleep(_ACCEPT_BACKOFF_S)
+                continue
             nursery.start_soon(_serve_connection, conn, handler, allowed_uids)
 
 
@@ -198,52 +223,61 @@ async def _serve_connection(
 ) -> None:
     stream = trio.SocketStream(conn)
     async with stream:
-        uid = peer_uid(conn)
-        if uid not in allowed_uids:
-            log.warning("control.refused", uid=uid)
-            await stream.send_all(
-                error_line(
-                    "forbidden",
-                    f"uid {uid} may not control this handoffd; add it to supervisor.allowed_uids",
-                )
+        # A client that leaves mid-reply is its own problem, never the daemon's.
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await _converse(conn, stream, handler, allowed_uids)
+
+
+async def _converse(
+    conn: trio.socket.SocketType,
+    stream: trio.SocketStream,
+    handler: ControlHandler,
+    allowed_uids: frozenset[int],
+) -> None:
+    uid = peer_uid(conn)
+    if uid not in allowed_uids:
+        log.warning("control.refused", uid=uid)
+        await stream.send_all(
+            error_line(
+                "forbidden",
+                f"uid {uid} may not control this handoffd; add it to supervisor.allowed_uids",
             )
-            return
-        buffer = b""
-        while True:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                if len(buffer) > MAX_LINE:
-                    await stream.send_all(
-                        error_line("too_long", f"request line is longer than {MAX_LINE} bytes")
-                    )
-                    return
-                try:
-                    chunk = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    return
-                if not chunk:
-                    return
-                buffer += chunk
-                continue
-            line, buffer = buffer[:newline], buffer[newline + 1 :]
-            if len(line) > MAX_LINE:
+        )
+        return
+    may_exec = uid in (0, os.getuid())
+    buffer = b""
+    while True:
+        newline = buffer.find(b"\n")
+        if newline < 0:
+            if len(buffer) > MAX_LINE:
                 await stream.send_all(
                     error_line("too_long", f"request line is longer than {MAX_LINE} bytes")
                 )
                 return
-            if not line.strip():
-                continue
-            try:
-                await _dispatch(line, stream, handler)
-            except trio.BrokenResourceError:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
                 return
+            buffer += chunk
+            continue
+        line, buffer = buffer[:newline], buffer[newline + 1 :]
+        if len(line) > MAX_LINE:
+            await stream.send_all(
+                error_line("too_long", f"request line is longer than {MAX_LINE} bytes")
+            )
+            return
+        if line.strip():
+            await _dispatch(line, stream, handler, may_exec=may_exec)
 
 
-async def _dispatch(line: bytes, stream: trio.SocketStream, handler: ControlHandler) -> None:
+async def _dispatch(
+    line: bytes, stream: trio.SocketStream, handler: ControlHandler, *, may_exec: bool
+) -> None:
     try:
         raw = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        await stream.send_all(error_line("bad_json", f"request is not JSON: {exc}"))
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and over-long integers; RecursionError, deep
+        # nesting. Any of them is the client's mistake, answered, never the daemon's death.
+        await stream.send_all(error_line("bad_json", f"request is not JSON: {exc!s:.200}"))
         return
     if isinstance(raw, dict) and raw.get("v", PROTOCOL_VERSION) != PROTOCOL_VERSION:
         await stream.send_all(
@@ -262,6 +296,15 @@ async def _dispatch(line: bytes, stream: trio.SocketStream, handler: ControlHand
             for e in exc.errors(include_url=False)
         )
         await stream.send_all(error_line("bad_request", f"invalid request: {problems}"))
+        return
+    if isinstance(request, UpgradeRequest) and request.exec_path is not None and not may_exec:
+        await stream.send_all(
+            error_line(
+                "forbidden",
+                "only root and handoffd's own user may choose the executable of a self-upgrade "
+                "(exec_path); leave it out to use the installed handoffd",
+            )
+        )
         return
     if isinstance(request, StatusRequest):
         await stream.send_all(handler.status().model_dump_json().encode() + b"\n")

@@ -29,20 +29,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, final
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import structlog
 import trio
 from structlog.contextvars import bound_contextvars, clear_contextvars
 
-from ._errors import SpawnError
+from ._errors import ProtocolError, SpawnError
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._spawn import WorkerProcess, describe_exit, spawn_worker
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import ProgramConfig
@@ -55,6 +56,11 @@ WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
 # SIGKILL; this only bounds a process stuck in uninterruptible sleep).
 _REAP_TIMEOUT = 5.0
 _spawn_sequence = itertools.count(1)
+# The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
+PARKED_MAX: Final = 4096
+# sd_pid_notify_with_fds(3): FDNAME= is at most 255 printable characters, and ':' would break
+# LISTEN_FDNAMES for every worker that receives the fd.
+_FDNAME_RE: Final = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
 
 
 @final
@@ -71,6 +77,33 @@ class ParkedFds:
     def park(self, name: str, fd: int) -> None:
         self._items.append((name, fd))
         log.info("fd.parked", fdname=name, fd=fd, parked=len(self._items))
+
+    def park_all(self, name: str, fds: Sequence[int]) -> bool:
+        """Park ``fds`` under ``name`` if the name is valid and there is room; else refuse.
+
+        Names travel in LISTEN_FDNAMES (':'-separated) to every later worker, and the store is
+        bounded as systemd bounds its own (FileDescriptorStoreMax=): a worker that parks on
+        every crash-looping start must not exhaust the supervisor's fds. Returns whether the
+        fds were kept (the caller closes them otherwise).
+        """
+        if not _FDNAME_RE.match(name):
+            log.warning(
+                "fd.park_refused",
+                fdname=name[:64],
+                reason="FDNAME must be 1-255 printable characters without ':'",
+            )
+            return False
+        if len(self._items) + len(fds) > PARKED_MAX:
+            log.warning(
+                "fd.park_refused",
+                fdname=name,
+                reason=f"more than {PARKED_MAX} parked fds; "
+                "unpark (FDSTOREREMOVE=1) what the next generation no longer needs",
+            )
+            return False
+        for fd in fds:
+            self.park(name, fd)
+        return True
 
     def unpark(self, name: str) -> None:
         gone = [fd for n, fd in self._items if n == name]
@@ -231,6 +264,11 @@ class Generation:
             self.ready.set()
             self._settled.set()
 
+    def abort(self, reason: str) -> None:
+        """Give up on a generation that is not ready yet; it is drained and start() fails."""
+        if not self.ready.is_set():
+            self._fail(reason)
+
     def _fail(self, reason: str) -> None:
         if self.failure is None:
             self.failure = reason
@@ -241,14 +279,20 @@ async def run_generation(
     spec: GenerationSpec,
     parked: ParkedFds,
     *,
+    on_created: Callable[[Generation], None] | None = None,
     task_status: trio.TaskStatus[Generation] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Start, supervise and finally drain one generation (see the module docstring).
+
+    ``on_created`` gets the generation before it is ready, so that a stopping supervisor can
+    ``abort`` it (drained gracefully, like any failed start) instead of cancelling it (SIGKILL).
 
     Raises:
         SpawnError: before readiness, with the reason the generation could not become ready.
     """
     gen = Generation(spec, parked)
+    if on_created is not None:
+        on_created(gen)
     failure: str | None = None
     # A task root: trio gave this task a copy of the starting upgrade's logging context, whose
     # bindings would label this generation's lines for its whole life. Start clean.
@@ -440,8 +484,17 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
     """Spawn one process into ``slot`` and return its exit code (None if it never started)."""
     spec = gen.spec
     path = spec.notify_dir / f"{spec.number}.{slot.index}.{next(_spawn_sequence)}"
-    receiver = NotifyReceiver.bind(str(path))
     slot.exited = trio.Event()
+    try:
+        receiver = NotifyReceiver.bind(str(path))
+    except OSError as exc:
+        # The runtime dir vanished or we are out of fds: a failed start (retried with backoff),
+        # never an exception that would end the whole supervisor.
+        slot.last_exit = (
+            f"could not be started: cannot bind its notify socket {path}: {exc.strerror}"
+        )
+        slot.exited.set()
+        return None
     try:
         proc, channel = _spawn(spec, gen.parked, slot, str(path))
     except SpawnError as exc:
@@ -553,7 +606,10 @@ def _spawn(
             cwd=program.cwd,
         )
         return proc, None
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except OSError as exc:
+        raise SpawnError(f"cannot create the handoff channel: {exc.strerror}") from exc
     try:
         env["HANDOFF_FD"] = "3"
         proc = spawn_worker(
@@ -575,11 +631,15 @@ async def _put_fds(spec: GenerationSpec, parked: ParkedFds, channel: socket.sock
     from ._passing import put
 
     sock = trio.socket.from_stdlib_socket(channel)
-    await put(
-        sock,
-        spec.listeners + parked.items(),
-        {"listeners": len(spec.listeners), "generation": spec.number},
-    )
+    try:
+        await put(
+            sock,
+            spec.listeners + parked.items(),
+            {"listeners": len(spec.listeners), "generation": spec.number},
+        )
+    except ProtocolError as exc:
+        # The worker went away before taking its fds; its exit is reported by its pidfd wait.
+        log.warning("worker.fds_not_delivered", reason=str(exc))
 
 
 async def _ready_after(gen: Generation, slot: WorkerSlot, delay: float) -> None:
@@ -615,9 +675,7 @@ def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> 
     if message.fdstore_remove:
         gen.parked.unpark(message.fdname)
     if message.fdstore and message.fds:
-        for fd in message.fds:
-            gen.parked.park(message.fdname, fd)
-        kept = True
+        kept = gen.parked.park_all(message.fdname, message.fds)
     if message.fds and not kept:
         close_fds(message.fds)
 

@@ -44,6 +44,16 @@ _SHELL: Final = "/bin/sh"
 _RESET_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
+# Children we spawned and have not reaped yet. As PID 1, handoffd also reaps orphans it did not
+# spawn; it must never reap these, or their exit status would be lost to their pidfd wait.
+_unreaped: set[int] = set()
+
+
+def unreaped_children() -> frozenset[int]:
+    """Pids of workers this process spawned and has not reaped (see ``_unreaped``)."""
+    return frozenset(_unreaped)
+
+
 @final
 @dataclass(eq=False)
 class WorkerProcess:
@@ -76,6 +86,7 @@ class WorkerProcess:
                 info = None
             if info is not None:
                 code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            _unreaped.discard(self.pid)
         self.returncode = code
         self.close()
         return code
@@ -196,10 +207,19 @@ def spawn_worker(
             )
         except OSError as exc:
             raise SpawnError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
+    except OSError as exc:  # F_DUPFD_CLOEXEC: out of fds
+        raise SpawnError(f"cannot start {command[0]!r}: {exc.strerror}") from exc
     finally:
         for fd in staged:
             os.close(fd)
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        # Never leave a worker we cannot watch holding the listeners: kill and reap it now.
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise SpawnError(f"cannot watch {command[0]!r} (pid {pid}): {exc.strerror}") from exc
+    _unreaped.add(pid)
     return WorkerProcess(pid=pid, pidfd=pidfd)
 
 

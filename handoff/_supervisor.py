@@ -38,6 +38,7 @@ import contextlib
 import math
 import os
 import signal
+import socket
 import sys
 from contextlib import ExitStack, suppress
 from functools import partial
@@ -49,7 +50,14 @@ import structlog
 import trio
 from structlog.contextvars import bound_contextvars
 
-from ._config import LoadedConfig, control_socket_path, load_config, resolve_runtime_dir
+from . import _client
+from ._config import (
+    ListenerConfig,
+    LoadedConfig,
+    control_socket_path,
+    load_config,
+    resolve_runtime_dir,
+)
 from ._control import (
     ControlHandler,
     ListenerInfo,
@@ -62,7 +70,7 @@ from ._control import (
     bind_control_socket,
     serve_control,
 )
-from ._errors import HandoffError, ListenerError, SpawnError, UpgradeError
+from ._errors import ConfigError, HandoffError, ListenerError, SpawnError, UpgradeError
 from ._generation import (
     Generation,
     GenerationSpec,
@@ -75,6 +83,7 @@ from ._launchd import LaunchdLibrary, launchd_sockets
 from ._listeners import Listener, adopt_inherited, bind_listener
 from ._memory import release_after_startup, release_after_upgrade
 from ._paths import HANDOVER_FD_ENV
+from ._spawn import unreaped_children
 from ._systemd import (
     InheritedFd,
     SystemdNotifier,
@@ -168,6 +177,10 @@ class Supervisor(ControlHandler):
         # Set once a successor is in charge: from then on we only exit.
         self.successor_pid: int | None = None
         self._pending: dict[bool, UpgradeTicket] = {}
+        # The generation being started (1, or N+1 of an upgrade): a stop aborts it gracefully.
+        self.starting: Generation | None = None
+        # Set when the upgrade in progress (if any) has finished; a stop waits for it.
+        self._upgrade_done: trio.Event | None = None
         self._upgrade_wanted = trio.Event()
         self._stop_requested = trio.Event()
         self._root: trio.Nursery | None = None
@@ -188,14 +201,38 @@ class Supervisor(ControlHandler):
         if not self._stop_requested.is_set():
             log.info("supervisor.stopping")
         self._stop_requested.set()
+        if self.starting is not None:
+            self.starting.abort("handoffd is stopping")
+
+    def stop_grace(self) -> float:
+        """How long a stop waits for an upgrade in progress: its drain, or its handover."""
+        program = self.loaded.config.program
+        sup = self.loaded.config.supervisor
+        return max(program.drain_timeout, sup.self_upgrade_timeout) + _SYSTEMD_SLACK_S
 
     def generations(self) -> list[Generation]:
         """The live generations: the current one first, then those still draining."""
         return ([self.current] if self.current else []) + self.draining
 
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
-        """Queue an upgrade, joining the pending one of the same kind if there is one."""
+        """Queue an upgrade, joining the pending one of the same kind if there is one.
+
+        A stopping supervisor answers at once that it is stopping; a self-upgrade naming another
+        executable than the pending one is refused rather than silently merged into it.
+        """
         ticket = self._pending.get(request.supervisor)
+        refusal: str | None = None
+        if self._stop_requested.is_set():
+            refusal = "handoffd is stopping"
+        elif ticket is not None and ticket.request.exec_path != request.exec_path:
+            refusal = (
+                f"a self-upgrade with exec_path={ticket.request.exec_path!r} is already pending; "
+                "send this one again once it is done"
+            )
+        if refusal is not None:
+            refused = UpgradeTicket(request)
+            refused.finish(self._failed(refused, refusal, 0.0, []))
+            return refused
         if ticket is None:
             ticket = self._pending[request.supervisor] = UpgradeTicket(request)
             self._upgrade_wanted.set()
@@ -265,7 +302,10 @@ class Supervisor(ControlHandler):
 
     def _spec(self, loaded: LoadedConfig, listeners: Mapping[str, Listener]) -> GenerationSpec:
         ordered = [listeners[lc.name] for lc in loaded.config.listener]
-        return self._spec_for(self.next_generation, loaded, loaded.config.program, ordered)
+        names = [lc.name for lc in loaded.config.listener]  # a reused socket may be renamed
+        return self._spec_for(
+            self.next_generation, loaded, loaded.config.program, ordered, names=names
+        )
 
     def _spec_for(
         self,
@@ -273,6 +313,7 @@ class Supervisor(ControlHandler):
         loaded: LoadedConfig,
         program: ProgramConfig,
         ordered: Sequence[Listener],
+        names: Sequence[str] | None = None,
     ) -> GenerationSpec:
         config = loaded.config
         compat: dict[str, str] = {}
@@ -292,7 +333,13 @@ class Supervisor(ControlHandler):
         return GenerationSpec(
             number=number,
             program=program,
-            listeners=tuple((li.name, li.fd) for li in ordered),
+            listeners=tuple(
+                zip(
+                    names if names is not None else [li.name for li in ordered],
+                    [li.fd for li in ordered],
+                    strict=True,
+                )
+            ),
             environ=environ,
             notify_dir=self.notify_dir,
             backoff_initial=config.supervisor.restart_backoff_initial,
@@ -309,9 +356,19 @@ class Supervisor(ControlHandler):
         self.systemd.send(
             f"EXTEND_TIMEOUT_USEC={int((spec.program.ready_timeout + _SYSTEMD_SLACK_S) * 1e6)}"
         )
-        gen: Generation = await self._root.start(run_generation, spec, self.parked)
+        try:
+            gen: Generation = await self._root.start(
+                partial(run_generation, on_created=self._starting), spec, self.parked
+            )
+        finally:
+            self.starting = None
         self._root.start_soon(self._forget_when_stopped, gen)
         return gen
+
+    def _starting(self, gen: Generation) -> None:
+        self.starting = gen
+        if self._stop_requested.is_set():
+            gen.abort("handoffd is stopping")
 
     async def _forget_when_stopped(self, gen: Generation) -> None:
         await gen.stopped.wait()
@@ -328,12 +385,17 @@ class Supervisor(ControlHandler):
                 ticket = self._pending.pop(kind, None)
                 if ticket is None:
                     continue
+                if self._stop_requested.is_set():
+                    ticket.finish(self._failed(ticket, "handoffd is stopping", 0.0, []))
+                    continue
+                self._upgrade_done = trio.Event()
                 try:
                     if kind:
                         reply = await self._upgrade_supervisor(ticket)
                     else:
                         reply = await self._upgrade_workers(ticket)
                 finally:
+                    self._upgrade_done.set()
                     if ticket.reply is None:
                         ticket.finish(self._failed(ticket, "handoffd is stopping", 0.0, []))
                 ticket.finish(reply)
@@ -364,6 +426,13 @@ class Supervisor(ControlHandler):
                 await each.returned.wait()
         log.info("supervisor.handed_over", successor_pid=self.successor_pid)
         self._stop_requested.set()
+
+    def fail_pending(self, reason: str) -> None:
+        """Answer every queued upgrade with ``reason`` (a stopping supervisor runs none)."""
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for ticket in pending:
+            ticket.finish(self._failed(ticket, reason, 0.0, []))
 
     def _failed(
         self, ticket: UpgradeTicket, reason: str, started: float, phases: list[UpgradePhase]
@@ -509,7 +578,7 @@ class Supervisor(ControlHandler):
             try:
                 loaded = load_config(self.loaded.path)
                 phase("config_loaded", str(loaded.path))
-                listeners, new_listeners = self._reconcile_listeners(loaded)
+                listeners, new_listeners, updates = self._reconcile_listeners(loaded)
                 phase(
                     "spawning",
                     f"generation {self.next_generation}, {loaded.config.program.processes} workers",
@@ -528,9 +597,9 @@ class Supervisor(ControlHandler):
                     li.close()
                 reply = self._failed(ticket, reason, started, phases)
             else:
-                retired = [
-                    li for name, li in self.listeners.items() if listeners.get(name) is not li
-                ]
+                kept = {id(li) for li in listeners.values()}
+                retired = [li for li in self.listeners.values() if id(li) not in kept]
+                self._apply_listener_updates(updates)
                 self.listeners = dict(listeners)
                 self.loaded = loaded
                 self.current = gen
@@ -569,28 +638,76 @@ class Supervisor(ControlHandler):
 
     def _reconcile_listeners(
         self, loaded: LoadedConfig
-    ) -> tuple[dict[str, Listener], list[Listener]]:
-        """Keep listeners whose name and address are unchanged; bind the rest.
+    ) -> tuple[dict[str, Listener], list[Listener], list[tuple[Listener, ListenerConfig]]]:
+        """Keep every held socket whose address is still configured; bind the rest.
 
-        Returns every listener the new config wants, and the ones newly bound (for cleanup).
+        A held socket is reused when its address is unchanged, even under a new name: binding
+        the same address again would fail (or, for a Unix path, unlink the path the current
+        generation serves on). Nothing held is changed here; the returned updates are applied
+        only if the upgrade succeeds.
+
+        Returns every listener the new config wants, the ones newly bound (closed on failure),
+        and the (held listener, new config) updates.
         """
         result: dict[str, Listener] = {}
         fresh: list[Listener] = []
+        updates: list[tuple[Listener, ListenerConfig]] = []
+        held = list(self.listeners.values())
         with ExitStack() as cleanup_on_fail:
             for config in loaded.config.listener:
+                address = config.parsed_address
                 existing = self.listeners.get(config.name)
-                if existing is not None and existing.config.parsed_address == config.parsed_address:
-                    if existing.config.backlog != config.backlog and existing.sock.type == 1:
-                        existing.sock.listen(config.backlog)
-                    existing.config = config
+                if existing is not None and existing.config.parsed_address != address:
+                    existing = None
+                if existing is None and (address.is_unix or address.port != 0):
+                    # The same concrete address under a new name: the same socket.
+                    existing = next(
+                        (li for li in held if li.config.parsed_address == address), None
+                    )
+                if existing is not None and all(existing is not li for li in result.values()):
                     result[config.name] = existing
+                    if existing.config != config:
+                        updates.append((existing, config))
                     continue
-                listener = bind_listener(config)
+                try:
+                    listener = bind_listener(config)
+                except ListenerError as exc:
+                    clash = next(
+                        (
+                            li
+                            for li in held
+                            if not address.is_unix
+                            and li.config.parsed_address.kind == address.kind
+                            and li.config.parsed_address.port == address.port
+                        ),
+                        None,
+                    )
+                    if clash is None:
+                        raise
+                    raise ListenerError(
+                        f"{exc}; handoffd itself holds port {address.port} as listener "
+                        f"{clash.name!r} ({clash.config.address}): moving a listener to another "
+                        "host on the same port needs a restart of handoffd"
+                    ) from exc
                 cleanup_on_fail.callback(listener.close)
                 result[config.name] = listener
                 fresh.append(listener)
             cleanup_on_fail.pop_all()
-        return result, fresh
+        return result, fresh, updates
+
+    def _apply_listener_updates(self, updates: list[tuple[Listener, ListenerConfig]]) -> None:
+        """Commit config changes to held listeners (after a successful upgrade only)."""
+        for listener, config in updates:
+            if listener.name != config.name:
+                self.systemd.remove_fd(listener.name, listener.fd)
+                self.systemd.store_fd(config.name, listener.fd)
+                log.info("listener.renamed", listener=config.name, was=listener.name)
+            if (
+                listener.config.backlog != config.backlog
+                and listener.sock.type == socket.SOCK_STREAM
+            ):
+                listener.sock.listen(config.backlog)
+            listener.config = config
 
     async def _close_retired(self, retired: list[Listener], users: list[Generation]) -> None:
         """Close listeners that left the config once no generation that used them remains."""
@@ -629,7 +746,7 @@ class Supervisor(ControlHandler):
                 log.info("signal.received", signal="SIGUSR2", action="upgrade --self")
                 self.request_upgrade(UpgradeRequest(supervisor=True))
             elif signum == signal.SIGCHLD:
-                _reap_orphans(self._known_pids())
+                _reap_orphans(unreaped_children())
             elif self._stop_requested.is_set():
                 log.warning(
                     "signal.received", signal=signal.Signals(signum).name, action="kill workers now"
@@ -685,10 +802,6 @@ class Supervisor(ControlHandler):
         if self.retired_listeners:
             self._root.start_soon(self._forget_retired, sorted(self.retired_listeners), users)
 
-    def _known_pids(self) -> set[int]:
-        gens = ([self.current] if self.current else []) + self.draining
-        return {pid for g in gens for pid in g.pids()}
-
     async def _shutdown(self) -> None:
         gens = ([self.current] if self.current else []) + self.draining
         self.state = "stopping"
@@ -713,10 +826,11 @@ def _starter_address(listener: Listener) -> str:
     )
 
 
-def _reap_orphans(known: set[int]) -> None:
+def _reap_orphans(known: frozenset[int]) -> None:
     """As PID 1 (a container), reap exited processes that are not our workers.
 
-    Workers are reaped through their pidfds; waiting on them here would steal their status.
+    Workers (every child we spawned and have not reaped, including those of a generation still
+    starting) are reaped through their pidfds; waiting on them here would steal their status.
     """
     children: set[int] = set()
     try:
@@ -817,6 +931,65 @@ def write_pid_file(path: Path) -> None:
     os.rename(temp, path)
 
 
+def _write_pid_file(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        write_pid_file(path)
+    except OSError as exc:
+        raise ConfigError(
+            f"supervisor.pid_file = {str(path)!r}: cannot write it: {exc.strerror}; use a "
+            "writable path, such as one under supervisor.runtime_dir"
+        ) from exc
+
+
+def _remove_pid_file(path: Path | None) -> None:
+    """Remove the pid file if it still names us (a successor rewrites it with its own pid)."""
+    if path is None:
+        return
+    with suppress(OSError):
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+
+
+def _refuse_if_running(control_path: Path) -> None:
+    """Refuse to start over a live daemon: binding would steal its control socket."""
+    try:
+        reply = _client.call(control_path, {"op": "status"}, timeout=2.0)
+    except HandoffError:
+        return  # nothing answers there: the path is free (or stale)
+    raise ListenerError(
+        f"another handoffd (pid {reply.get('pid')}) already serves the control socket "
+        f"{control_path}; stop it first, or give this one another supervisor.runtime_dir"
+    )
+
+
+def _prepare_runtime_dir(sup: Supervisor, control_path: Path) -> None:
+    """Create the runtime dir, or refuse one that another user could tamper with."""
+    problem = notify_dir_ok(sup.notify_dir)
+    if problem is None and len(os.fsencode(str(control_path))) > 107:
+        problem = (
+            f"the control socket path {control_path} is longer than unix(7) allows (107 bytes)"
+        )
+    if problem is not None:
+        raise ListenerError(f"supervisor.runtime_dir: {problem}")
+    try:
+        sup.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = os.stat(sup.runtime_dir)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ListenerError(
+                f"supervisor.runtime_dir: {sup.runtime_dir} is owned by uid {info.st_uid} or "
+                f"writable by others (mode {info.st_mode & 0o777:o}); handoffd keeps its control "
+                "socket there, so it must be ours and not group- or world-writable"
+            )
+        sup.notify_dir.mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ListenerError(
+            f"supervisor.runtime_dir: cannot create {sup.runtime_dir}: {exc.strerror}; run as a "
+            "user who may, or set runtime_dir to a directory you own"
+        ) from exc
+
+
 async def run_supervisor(
     loaded: LoadedConfig,
     environ: Mapping[str, str],
@@ -833,12 +1006,17 @@ async def run_supervisor(
         environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
     sup = Supervisor(loaded, environ)
     config = loaded.config
-    problem = notify_dir_ok(sup.notify_dir)
-    if problem is not None:
-        raise ListenerError(f"supervisor.runtime_dir: {problem}")
-    sup.notify_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     control_path = control_socket_path(config.supervisor, environ)
+    if handover_fd is None:
+        _refuse_if_running(control_path)
+    _prepare_runtime_dir(sup, control_path)
     allowed = frozenset({0, os.getuid(), *config.supervisor.allowed_uids})
+    # Others than root and us can only connect if the socket file lets them (unix(7)); the
+    # SO_PEERCRED check then admits exactly the allowed uids.
+    control_mode = 0o666 if set(allowed) - {0, os.getuid()} else 0o600
+    if control_mode != 0o600:
+        # The allowed users must be able to reach the socket: traverse, but not list or write.
+        os.chmod(sup.runtime_dir, 0o711)
     signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
     if os.getpid() == 1:
         signals_wanted.append(signal.SIGCHLD)
@@ -860,7 +1038,14 @@ async def run_supervisor(
                 sup.systemd.store_fd(li.name, li.fd)
             sup._control_path = control_path
             if handover is None:
-                control = bind_control_socket(control_path)
+                try:
+                    control = bind_control_socket(control_path, mode=control_mode)
+                except OSError as exc:
+                    raise ListenerError(
+                        f"cannot create the control socket {control_path}: {exc.strerror}; "
+                        "check supervisor.runtime_dir / supervisor.control_socket"
+                    ) from exc
+                _write_pid_file(config.supervisor.pid_file)
             else:
                 # Bound now (a failure is the old one's to hear about), in place at the commit.
                 from ._handover import bind_staged_control_socket
@@ -892,12 +1077,15 @@ async def run_supervisor(
                     try:
                         sup.current = await sup._start_generation(loaded, sup.listeners)
                     except SpawnError as exc:
-                        raise SpawnError(f"generation 1 could not start: {exc}") from exc
+                        if not sup._stop_requested.is_set():
+                            raise SpawnError(f"generation 1 could not start: {exc}") from exc
+                        # Stopped while starting: generation 1 was drained; a clean exit.
+                        root.cancel_scope.cancel()
+                        return
                 else:
                     await sup._adopt(handover)
+                    _write_pid_file(config.supervisor.pid_file)
                 sup.state = "running"
-                if config.supervisor.pid_file is not None:
-                    write_pid_file(config.supervisor.pid_file)
                 release_after_startup()
                 log.info(
                     "supervisor.ready",
@@ -912,7 +1100,14 @@ async def run_supervisor(
                 async with trio.open_nursery() as upgrades:
                     upgrades.start_soon(sup._run_upgrades)
                     await sup._stop_requested.wait()
+                    # An upgrade in progress ends first: stop() aborted its new generation,
+                    # which is drained gracefully (cancelling it would SIGKILL workers that
+                    # may hold connections). A self-upgrade may still complete.
+                    if sup._upgrade_done is not None:
+                        with trio.move_on_after(sup.stop_grace()):
+                            await sup._upgrade_done.wait()
                     upgrades.cancel_scope.cancel()
+                sup.fail_pending("handoffd is stopping")
                 if sup.successor_pid is None:
                     await sup._shutdown()
                 root.cancel_scope.cancel()
@@ -923,6 +1118,8 @@ async def run_supervisor(
                 li.close()
             sup.parked.close_all()
             _unlink_if_ours(control_path, sup._control_inode)
+            if sup.successor_pid is None:
+                _remove_pid_file(config.supervisor.pid_file)
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
 
 

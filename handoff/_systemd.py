@@ -58,12 +58,15 @@ def parse_listen_fds(environ: Mapping[str, str], pid: int) -> list[InheritedFd] 
     if "LISTEN_FDS" not in environ:
         return None
     listen_pid = environ.get("LISTEN_PID")
-    if listen_pid is not None:
-        try:
-            if int(listen_pid) != pid:
-                return None
-        except ValueError:
-            raise ValueError(f"LISTEN_PID={listen_pid!r} is not a process id") from None
+    if listen_pid is None:
+        # sd_listen_fds(3) takes fds only for the pid named: a stray LISTEN_FDS left in a shell
+        # must not make us adopt (or close) whatever fds 3.. happen to be.
+        return None
+    try:
+        if int(listen_pid) != pid:
+            return None
+    except ValueError:
+        raise ValueError(f"LISTEN_PID={listen_pid!r} is not a process id") from None
     try:
         count = int(environ["LISTEN_FDS"])
     except ValueError:

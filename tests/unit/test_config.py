@@ -122,3 +122,11 @@ def test_parse_signal_accepts_common_spellings() -> None:
 def test_find_control_socket_reads_a_broken_config_leniently(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD.replace("[program]", "[program]\nprocesses = -3"))
     assert find_control_socket(path, {}) == tmp_path / "run" / "control.sock"
+
+
+def test_delay_not_shorter_than_ready_timeout_is_rejected(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD + 'ready = "delay:30"\nready_timeout = 30\n')
+    with pytest.raises(
+        ConfigError, match=r"program: Value error|program: ready = \"delay:30\" waits 30s"
+    ):
+        load_config(path)

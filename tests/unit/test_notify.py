@@ -47,3 +47,7 @@ def test_workers_never_see_systemds_variables_for_handoffd() -> None:
         "PATH": "/bin",
     }
     assert clean_worker_environ(env) == {"PATH": "/bin"}
+
+
+def test_listen_fds_without_listen_pid_is_ignored_as_sd_listen_fds_does() -> None:
+    assert parse_listen_fds({"LISTEN_FDS": "2"}, 42) is None
