@@ -189,14 +189,21 @@ async def _serve_connection(stream: trio.SocketStream, state: _DemoState) -> Non
                 return
 
 
-async def _accept_loop(
-    listener: trio.socket.SocketType, state: _DemoState, nursery: trio.Nursery
-) -> None:
+async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
+    """The next connection; EAGAIN only means another worker took it (the socket is shared)."""
     while True:
         try:
             conn, _ = await listener.accept()
         except (BlockingIOError, InterruptedError):
-            continue  # another worker took it: the socket is shared
+            continue
+        return conn
+
+
+async def _accept_loop(
+    listener: trio.socket.SocketType, state: _DemoState, nursery: trio.Nursery
+) -> None:
+    while True:
+        conn = await _accept(listener)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         nursery.start_soon(_serve_connection, trio.SocketStream(conn), state)
@@ -387,10 +394,7 @@ async def _accept_tickers(
     listener: trio.socket.SocketType, state: _DemoState, nursery: trio.Nursery
 ) -> None:
     while True:
-        try:
-            conn, _ = await listener.accept()
-        except (BlockingIOError, InterruptedError):
-            continue  # another worker took it: the socket is shared
+        conn = await _accept(listener)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ticker = _Ticker(sock=conn)
         if _CAN_HAND_OVER:

@@ -526,16 +526,7 @@ class Supervisor(ControlHandler):
                     self._take_back(gens, spawned)
         if reply is None or reason is not None:
             reply = self._failed(ticket, reason or "not handed over", started, phases)
-        self.last_upgrade = reply
-        log.info(
-            "upgrade.finished",
-            outcome=reply.outcome,
-            reason=reply.reason,
-            generation=reply.generation,
-            duration_s=reply.duration_s,
-            supervisor=True,
-            supervisor_pid=reply.supervisor_pid,
-        )
+        self._record_upgrade(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
         return reply
 
     def _take_back(self, gens: Sequence[Generation], spawned: list[int]) -> None:
@@ -625,16 +616,21 @@ class Supervisor(ControlHandler):
                     phases=phases,
                 )
             self.state = "running"
-            self.last_upgrade = reply
-            log.info(
-                "upgrade.finished",
-                outcome=reply.outcome,
-                reason=reply.reason,
-                generation=reply.generation,
-                duration_s=reply.duration_s,
-            )
+            self._record_upgrade(reply)
             self.systemd.ready(self.status_text())
         return reply
+
+    def _record_upgrade(self, reply: UpgradeReply, **extra: object) -> None:
+        """Keep the outcome for ``status`` and write the one canonical line per upgrade."""
+        self.last_upgrade = reply
+        log.info(
+            "upgrade.finished",
+            outcome=reply.outcome,
+            reason=reply.reason,
+            generation=reply.generation,
+            duration_s=reply.duration_s,
+            **extra,
+        )
 
     def _reconcile_listeners(
         self, loaded: LoadedConfig
