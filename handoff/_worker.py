@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Final, Protocol, final
 
 from ._config import parse_address
 from ._errors import ListenerError, ProtocolError
+from ._launchd import launchd_sockets
 from ._notify import notify
 from ._passing import get_blocking
 from ._systemd import parse_listen_fds
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
     from ._config import Address
+    from ._launchd import LaunchdLibrary
 
 #: How long ``listeners()`` waits for the set on ``HANDOFF_FD``. The supervisor Puts the set
 #: before it starts the worker, so it is normally there already; this only bounds a broken one.
@@ -197,8 +199,11 @@ def get_listeners(environ: Mapping[str, str] | None = None) -> dict[str, list[so
     return listeners(environ)
 
 
-def one_listener(name: str) -> socket.socket:
+def one_listener(name: str, *, launchd: LaunchdLibrary | None = None) -> socket.socket:
     """The one inherited listener called ``name``.
+
+    Without LISTEN_FDS or HANDOFF_FD, on macOS, launchd is asked for the plist's ``Sockets``
+    entry of that name (launch_activate_socket(3)); ``launchd`` injects the library (tests).
 
     Example::
 
@@ -209,6 +214,12 @@ def one_listener(name: str) -> socket.socket:
     """
     given = listeners()
     socks = given.get(name, [])
+    if not socks:
+        found = launchd_sockets([name], library=launchd)
+        if found:
+            # launchd hands a name out once per process: keep them with the others.
+            socks = given.setdefault(name, [])
+            socks.extend(_socket_for(fd) for _, fd in found)
     if len(socks) == 1:
         return socks[0]
     if not socks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import plistlib
 import shutil
@@ -209,3 +210,33 @@ def test_supervisor_not_started_by_launchd_binds_everything(
 
 def test_launchd_is_not_asked_off_macos_without_a_library() -> None:
     assert launchd_sockets(["http"]) is None
+
+
+def test_worker_library_takes_a_launchd_socket_by_name(stub_cdll: ctypes.CDLL) -> None:
+    """A worker started by launchd (no LISTEN_FDS): one_listener("http") asks launchd for it."""
+    code = f"""
+import ctypes, json
+import handoff
+from handoff._launchd import LaunchdLibrary
+lib = ctypes.CDLL({stub_cdll._name!r})
+lib.stub_declare.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+lib.stub_port.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+lib.stub_declare(b"http", 1)
+launchd = LaunchdLibrary.from_cdll(lib, free_symbol="stub_free")
+sock = handoff.one_listener("http", launchd=launchd)
+again = handoff.one_listener("http", launchd=launchd)  # cached: launchd hands a name out once
+print(json.dumps([sock.getsockname()[1], lib.stub_port(b"http", 0), sock is again, lib.stub_outstanding()]))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "HANDOFF_"))}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent.parent,
+    )
+    port, declared, same, outstanding = json.loads(out.stdout)
+    assert port == declared
+    assert same is True
+    assert outstanding == 0
