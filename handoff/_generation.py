@@ -483,10 +483,12 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
 async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
     """Spawn one process into ``slot`` and return its exit code (None if it never started)."""
     spec = gen.spec
-    path = spec.notify_dir / f"{spec.number}.{slot.index}.{next(_spawn_sequence)}"
+    # A str, not a Path: pathlib interns every path component, and these names are unique per
+    # spawn, so a Path here would grow the interpreter's interned-string table for ever.
+    path = f"{spec.notify_dir}/{spec.number}.{slot.index}.{next(_spawn_sequence)}"
     slot.exited = trio.Event()
     try:
-        receiver = NotifyReceiver.bind(str(path))
+        receiver = NotifyReceiver.bind(path)
     except OSError as exc:
         # The runtime dir vanished or we are out of fds: a failed start (retried with backoff),
         # never an exception that would end the whole supervisor.
@@ -496,7 +498,7 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
         slot.exited.set()
         return None
     try:
-        proc, channel = _spawn(spec, gen.parked, slot, str(path))
+        proc, channel = _spawn(spec, gen.parked, slot, path)
     except SpawnError as exc:
         _close_receiver(receiver, unlink=True)
         slot.last_exit = f"could not be started: {exc}"

@@ -14,20 +14,32 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _LIBC_NAME: Final = ctypes.util.find_library("c")
 
 
-def _malloc_trim() -> None:
+@functools.cache
+def _trim_function() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (a CDLL per call would pile up ctypes objects)."""
     if _LIBC_NAME is None:
-        return
+        return None
     try:
-        trim = ctypes.CDLL(_LIBC_NAME).malloc_trim
+        trim: Callable[[int], int] = ctypes.CDLL(_LIBC_NAME).malloc_trim
     except (OSError, AttributeError):
-        return  # not glibc
-    trim(0)
+        return None  # not glibc
+    return trim
+
+
+def _malloc_trim() -> None:
+    trim = _trim_function()
+    if trim is not None:
+        trim(0)
 
 
 def release_after_startup() -> None:
