@@ -62,6 +62,7 @@ you send is lost. How:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -134,6 +135,12 @@ def _response(
 
 
 async def _serve_connection(stream: trio.SocketStream, state: _DemoState) -> None:
+    # One client's bad luck (reset, vanished mid-request) ends its connection, nothing more.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await _converse(stream, state)
+
+
+async def _converse(stream: trio.SocketStream, state: _DemoState) -> None:
     buffer = b""
     async with stream:
         while True:
@@ -169,7 +176,15 @@ async def _serve_connection(stream: trio.SocketStream, state: _DemoState) -> Non
             for line in lines[1:]:
                 key, _, value = line.partition(":")
                 headers[key.strip().lower()] = value.strip().lower()
-            length = int(headers.get("content-length", "0") or "0")
+            try:
+                length = int(headers.get("content-length", "0") or "0")
+            except ValueError:
+                length = -1
+            if length < 0:
+                await stream.send_all(
+                    _response(state, True, "400 Bad Request", "bad Content-Length\n")
+                )
+                return
             while len(buffer) < length:
                 chunk = await stream.receive_some(65536)
                 if not chunk:
@@ -190,11 +205,20 @@ async def _serve_connection(stream: trio.SocketStream, state: _DemoState) -> Non
 
 
 async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
-    """The next connection; EAGAIN only means another worker took it (the socket is shared)."""
+    """The next connection; EAGAIN only means another worker took it (the socket is shared).
+
+    Out of fds or buffers (as trio's ACCEPT_CAPACITY_ERRNOS), back off briefly; a connection
+    aborted before we took it is simply gone.
+    """
     while True:
         try:
             conn, _ = await listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                raise
+            await trio.sleep(0.1)
             continue
         return conn
 
@@ -395,7 +419,8 @@ async def _accept_tickers(
 ) -> None:
     while True:
         conn = await _accept(listener)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ticker = _Ticker(sock=conn)
         if _CAN_HAND_OVER:
             ticker.state_fd = os.memfd_create("handoff-demo-ticker", os.MFD_CLOEXEC)

@@ -56,6 +56,8 @@ WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
 # SIGKILL; this only bounds a process stuck in uninterruptible sleep).
 _REAP_TIMEOUT = 5.0
 _spawn_sequence = itertools.count(1)
+# The longest STATUS= text kept per worker (one line for `handoffd status`).
+_STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
 PARKED_MAX: Final = 4096
 # sd_pid_notify_with_fds(3): FDNAME= is at most 255 printable characters, and ':' would break
@@ -377,8 +379,11 @@ async def run_adopted_generation(
                 log.info("generation.adopted", pids=gen.pids(), draining=draining)
                 task_status.started(gen)
                 await gen._drain_requested.wait()
+                # A generation handed over mid-drain was signalled only if its deadline was set;
+                # None means the old supervisor had not sent the stop signal yet.
+                signalled = draining and drain_remaining is not None
                 await _drain(
-                    gen, signalled=draining, drain_timeout=drain_remaining if draining else None
+                    gen, signalled=signalled, drain_timeout=drain_remaining if signalled else None
                 )
                 nursery.cancel_scope.cancel()
         finally:
@@ -633,15 +638,24 @@ async def _put_fds(spec: GenerationSpec, parked: ParkedFds, channel: socket.sock
     from ._passing import put
 
     sock = trio.socket.from_stdlib_socket(channel)
+    fdset = spec.listeners + parked.items()
+    # Send duplicates: put() may wait for room, and meanwhile an unpark could close a parked
+    # fd (and its number be reused) under it.
+    copies: list[int] = []
     try:
+        for _, fd in fdset:
+            copies.append(os.dup(fd))
         await put(
             sock,
-            spec.listeners + parked.items(),
+            [(name, copy) for (name, _), copy in zip(fdset, copies, strict=True)],
             {"listeners": len(spec.listeners), "generation": spec.number},
         )
-    except ProtocolError as exc:
-        # The worker went away before taking its fds; its exit is reported by its pidfd wait.
+    except (ProtocolError, OSError) as exc:
+        # The worker went away before taking its fds (its exit is reported by its pidfd wait),
+        # or we are out of fds: its start fails, never the supervisor.
         log.warning("worker.fds_not_delivered", reason=str(exc))
+    finally:
+        close_fds(copies)
 
 
 async def _ready_after(gen: Generation, slot: WorkerSlot, delay: float) -> None:
@@ -671,7 +685,8 @@ def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> 
     if message.ready and gen.spec.program.ready_delay is None:
         gen._mark_ready(slot)
     if message.status is not None:
-        slot.status = message.status
+        # Bounded: it is shown by `status` and travels in a self-upgrade's state message.
+        slot.status = message.status[:_STATUS_MAX]
     if message.stopping and slot.state != "draining":
         log.info("worker.stopping", pid=slot.process.pid if slot.process else None)
     if message.fdstore_remove:

@@ -482,7 +482,7 @@ def staged_control_path(path: Path, pid: int) -> Path:
     return path.with_name(f".{path.name}.{pid}")
 
 
-def bind_staged_control_socket(path: Path) -> tuple[socket.socket, Path]:
+def bind_staged_control_socket(path: Path, mode: int = 0o600) -> tuple[socket.socket, Path]:
     """Bind (mode 0600) and listen on our staged control socket; the caller renames it over
     ``path`` at the commit, so the old supervisor answers on ``path`` until then."""
     staged = staged_control_path(path, os.getpid())
@@ -491,7 +491,7 @@ def bind_staged_control_socket(path: Path) -> tuple[socket.socket, Path]:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
         sock.bind(str(staged))
-        os.chmod(staged, 0o600)
+        os.chmod(staged, mode)
         sock.listen(64)
     except BaseException:
         sock.close()
@@ -660,13 +660,14 @@ class Handover:
         finally:
             self.channel.close()
         received.close()
+        # A message arrived: the old supervisor committed and is leaving. From here on we are in
+        # charge whatever it said: refusing now would orphan every worker. A reply we cannot
+        # read (an older handoffd's format) only costs the last-upgrade record.
         try:
             commit = HandoverCommit.model_validate(received.payload)
             self.last_upgrade = UpgradeReply.model_validate(commit.reply)
-        except ValidationError as exc:
-            raise ProtocolError(
-                f"the old supervisor's commit is malformed: {str(received.payload)[:200]}"
-            ) from exc
+        except ValidationError:
+            log.warning("handover.commit_unreadable", payload=str(received.payload)[:200])
 
     async def refuse(self, reason: str) -> None:
         """Tell the old supervisor we will not take over, and why (it then carries on)."""

@@ -47,6 +47,7 @@ def notify(
     *,
     environ: Mapping[str, str] | None = None,
     block: bool = True,
+    timeout: float | None = None,
 ) -> bool:
     """Send one sd_notify datagram to ``$NOTIFY_SOCKET``.
 
@@ -54,7 +55,8 @@ def notify(
     under systemd or handoffd, for which readiness is meaningless. Raises ``OSError`` when the
     socket is set but the message cannot be delivered; with ``block=False`` a receiver whose
     queue is full raises ``BlockingIOError`` instead of stalling the caller (an event loop must
-    never wait on its service manager).
+    never wait on its service manager); with ``timeout`` it waits at most that long for room
+    (``TimeoutError``).
 
     Example::
 
@@ -68,6 +70,8 @@ def notify(
         ancillary = []
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        if timeout is not None:
+            sock.settimeout(timeout)
         flags = 0 if block else socket.MSG_DONTWAIT
         sock.sendmsg([message.encode()], ancillary, flags, notify_address(target))
     return True

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import json
 import os
 import re
@@ -246,9 +247,20 @@ def _messages(
 
 
 def _sent_error(sock: socket.socket | trio.socket.SocketType, exc: OSError) -> ProtocolError:
+    if exc.errno == errno.ETOOMANYREFS:
+        hint = (
+            "more fds are in flight than this user's RLIMIT_NOFILE allows (unix(7)); raise it "
+            "(LimitNOFILE= under systemd) or park fewer fds"
+        )
+    elif exc.errno in (errno.EPIPE, errno.ECONNRESET):
+        hint = (
+            "the receiving process has probably exited or closed its end: check that it is "
+            "alive and reads with handoff.get"
+        )
+    else:
+        hint = "an fd of the set may have been closed meanwhile, or the message is too large"
     return ProtocolError(
-        f"{_channel(sock)}: cannot send the fd set ({exc.strerror or exc}); the receiving process "
-        "has probably exited or closed its end: check that it is alive and reads with handoff.get"
+        f"{_channel(sock)}: cannot send the fd set ({exc.strerror or exc}); {hint}"
     )
 
 
@@ -289,7 +301,7 @@ async def put(
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(view)
-                except (BrokenPipeError, ConnectionResetError) as exc:
+                except OSError as exc:  # EPIPE, ECONNRESET, ETOOMANYREFS, EBADF, EMSGSIZE...
                     raise _sent_error(sock, exc) from exc
     await trio.lowlevel.cancel_shielded_checkpoint()
 
@@ -310,7 +322,7 @@ def put_blocking(
     for data, ancillary in _messages(fds, payload):
         try:
             sock.sendmsg([data], ancillary, _MSG_NOSIGNAL)
-        except (BrokenPipeError, ConnectionResetError) as exc:
+        except OSError as exc:  # EPIPE, ECONNRESET, ETOOMANYREFS, EBADF, EMSGSIZE...
             raise _sent_error(sock, exc) from exc
 
 

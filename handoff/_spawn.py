@@ -18,7 +18,6 @@ Design notes:
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import shutil
@@ -95,8 +94,19 @@ class WorkerProcess:
         """Signal the worker; a no-op once it has exited (the pidfd prevents pid reuse races)."""
         if self.returncode is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
+        try:
             signal.pidfd_send_signal(self.pidfd, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            # A worker that became another user (setuid) cannot be signalled by a non-root
+            # handoffd; a drain then ends with its timeout. Never an error that ends the daemon.
+            log.warning(
+                "worker.signal_refused",
+                pid=self.pid,
+                signal=sig,
+                hint="run handoffd as root, or keep the worker's uid",
+            )
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

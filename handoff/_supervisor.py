@@ -192,11 +192,10 @@ class Supervisor(ControlHandler):
     def stop(self) -> None:
         """Begin a graceful stop: drain every generation, then exit."""
         if self.successor_pid is not None:
-            log.warning(
-                "supervisor.stop_ignored",
-                successor_pid=self.successor_pid,
-                hint="this supervisor handed over; stop the new one",
-            )
+            # Handed over: the stop is meant for the service, which is the successor now.
+            log.info("supervisor.forwarded", signal="SIGTERM", successor_pid=self.successor_pid)
+            with suppress(ProcessLookupError):
+                os.kill(self.successor_pid, signal.SIGTERM)
             return
         if not self._stop_requested.is_set():
             log.info("supervisor.stopping")
@@ -222,7 +221,12 @@ class Supervisor(ControlHandler):
         """
         ticket = self._pending.get(request.supervisor)
         refusal: str | None = None
-        if self._stop_requested.is_set():
+        if self.successor_pid is not None:
+            refusal = (
+                f"this handoffd handed over to pid {self.successor_pid}; send the request again "
+                "(it reaches the new supervisor on the same control socket)"
+            )
+        elif self._stop_requested.is_set():
             refusal = "handoffd is stopping"
         elif ticket is not None and ticket.request.exec_path != request.exec_path:
             refusal = (
@@ -410,6 +414,18 @@ class Supervisor(ControlHandler):
         """Answer every caller (requests that came meanwhile fail: resend them), then exit."""
         assert self.successor_pid is not None
         tickets = [ticket, *self._pending.values()]
+        # What arrived for us during the handover is now the successor's business: a stop (an
+        # operator's SIGTERM or `systemctl stop`) and a worker upgrade (SIGHUP) are passed on,
+        # not lost with this process.
+        forward = []
+        if self._stop_requested.is_set():
+            forward.append(signal.SIGTERM)
+        if any(not t.request.supervisor for t in tickets[1:]):
+            forward.append(signal.SIGHUP)
+        for signum in forward:
+            log.info("supervisor.forwarded", signal=signum.name, successor_pid=self.successor_pid)
+            with suppress(ProcessLookupError):
+                os.kill(self.successor_pid, signum)
         self._pending.clear()
         for pending in tickets[1:]:
             pending.finish(
@@ -505,11 +521,14 @@ class Supervisor(ControlHandler):
                     phases=phases,
                     supervisor_pid=successor.pid,
                 )
-                await successor.commit(reply)
-                # Committed: nothing of ours may act on a worker any more, and the control
-                # socket path is about to be the successor's (never unlink it).
+                # Let go before the commit leaves: sending it may wait, and a drain deadline
+                # reached meanwhile must not SIGKILL workers the successor is taking. A failed
+                # commit takes them back (_take_back).
                 for gen in gens:
                     gen.hand_over()
+                await successor.commit(reply)
+                # Committed: the control socket path is about to be the successor's (never
+                # unlink it).
                 self.successor_pid = successor.pid
                 self._control_inode = None
                 self.state = "handed-over"
@@ -542,7 +561,15 @@ class Supervisor(ControlHandler):
 
                     staged_control_path(self._control_path, pid).unlink()
         self.systemd.send(f"MAINPID={os.getpid()}")
+        pid_file = self.loaded.config.supervisor.pid_file
+        if pid_file is not None:
+            # The new one wrote its pid before saying in_charge; the file is ours again.
+            try:
+                write_pid_file(pid_file)
+            except OSError as exc:
+                log.warning("pid_file.not_restored", path=str(pid_file), error=exc.strerror)
         for gen in gens:
+            gen.handed_over = False
             gen.thaw()
         self.state = "running"
         self.systemd.ready(self.status_text())
@@ -875,6 +902,7 @@ def open_listeners(
     claimed, unclaimed = adopt_inherited(config.listener, _without_duplicates(inherited or []))
     for item in unclaimed:
         if config.supervisor.keep_unclaimed:
+            os.set_inheritable(item.fd, False)  # kept by us, not passed to every worker
             log.info("listener.unclaimed_kept", fd=item.fd, fdname=item.name)
         else:
             log.warning(
@@ -1047,11 +1075,19 @@ async def run_supervisor(
                 from ._handover import bind_staged_control_socket
 
                 try:
-                    control, staged = bind_staged_control_socket(control_path)
+                    control, staged = bind_staged_control_socket(control_path, control_mode)
                 except OSError as exc:
                     reason = f"cannot bind a control socket next to {control_path}: {exc}"
                     await handover.refuse(reason)
                     raise ListenerError(reason) from exc
+                try:
+                    # Before in_charge: after the commit nothing may fail any more.
+                    _write_pid_file(config.supervisor.pid_file)
+                except ConfigError as exc:
+                    await handover.refuse(str(exc))
+                    with suppress(FileNotFoundError):
+                        staged.unlink()
+                    raise
                 try:
                     await handover.confirm(
                         f"taking over from pid {handover.state.pid}",
@@ -1061,7 +1097,17 @@ async def run_supervisor(
                     with suppress(FileNotFoundError):
                         staged.unlink()
                     raise
-                os.rename(staged, control_path)
+                try:
+                    os.rename(staged, control_path)
+                except OSError as exc:
+                    # Committed: serving the workers matters more than the control path.
+                    log.error(
+                        "handover.control_socket_not_moved",
+                        staged=str(staged),
+                        error=exc.strerror,
+                        hint=f"handoffd answers on {staged}; use --socket with that path",
+                    )
+                    control_path = staged
                 sup.last_upgrade = handover.last_upgrade
             sup._control_inode = os.stat(control_path).st_ino
             async with trio.open_nursery() as root:
@@ -1080,7 +1126,6 @@ async def run_supervisor(
                         return
                 else:
                     await sup._adopt(handover)
-                    _write_pid_file(config.supervisor.pid_file)
                 sup.state = "running"
                 release_after_startup()
                 log.info(

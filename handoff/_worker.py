@@ -37,6 +37,7 @@ import ipaddress
 import os
 import socket
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol, final
 
@@ -94,7 +95,11 @@ _parked_raw: dict[str, list[int]] | None = None
 
 
 def _socket_for(fd: int) -> socket.socket:
+    # socket(fileno=) sets O_NONBLOCK when socket.setdefaulttimeout() is in force; the flag lives
+    # on the open file description every generation shares, so keep it as it was (DESIGN.md).
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
     sock = socket.socket(fileno=fd)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     sock.set_inheritable(False)
     return sock
 
@@ -488,32 +493,60 @@ def is_fifo(fd: int | _HasFileno, path: str | None = None) -> bool:
 # ---- notify: readiness, status and parked fds ---------------------------------------------------
 
 
+def _notify(message: str, fds: list[int] | tuple[()] = ()) -> bool:
+    """sd_notify(3) semantics for workers: never raise, never block for long.
+
+    A worker must keep serving when its supervisor is gone or slow: a notify socket nobody reads
+    (ECONNREFUSED) or whose queue stays full (net.unix.max_dgram_qlen is 10 by default) for
+    ``_NOTIFY_TIMEOUT_S`` makes this return False, logged once to stderr, instead of raising or
+    stalling the worker for good. The short wait keeps READY=1 from being dropped while the
+    supervisor is briefly busy (a self-upgrade pauses its reading).
+    """
+    global _notify_warned
+    try:
+        return notify(message, fds, timeout=_NOTIFY_TIMEOUT_S)
+    except OSError as exc:
+        if not _notify_warned:
+            _notify_warned = True
+            print(
+                f"handoff: cannot notify {os.environ.get('NOTIFY_SOCKET')!r} ({exc.strerror}); "
+                "the supervisor may be gone or busy: carrying on",
+                file=sys.stderr,
+            )
+        return False
+
+
+_notify_warned = False
+# How long a notify may wait for room in the supervisor's queue before it is given up.
+_NOTIFY_TIMEOUT_S: Final = 5.0
+
+
 def ready(status: str | None = None) -> bool:
     """Tell the supervisor this worker serves: ``READY=1``. False where nobody listens.
 
     Install your signal handlers before calling this (DESIGN.md "Pitfalls").
     """
-    return notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
+    return _notify("READY=1" + (f"\nSTATUS={status}" if status else ""))
 
 
 def status(text: str) -> bool:
     """Set this worker's one-line status (``STATUS=``), shown by ``handoffd status``."""
-    return notify(f"STATUS={text}")
+    return _notify(f"STATUS={text}")
 
 
 def stopping() -> bool:
     """Say this worker is shutting down (``STOPPING=1``)."""
-    return notify("STOPPING=1")
+    return _notify("STOPPING=1")
 
 
 def reloading() -> bool:
     """Say this worker is reloading its own state (``RELOADING=1``)."""
-    return notify("RELOADING=1")
+    return _notify("RELOADING=1")
 
 
 def watchdog() -> bool:
     """Keep-alive ping (``WATCHDOG=1``)."""
-    return notify("WATCHDOG=1")
+    return _notify("WATCHDOG=1")
 
 
 def _check_fdname(name: str) -> None:
@@ -543,7 +576,7 @@ def park(name: str, fd: int | _HasFileno, *more: int | _HasFileno) -> bool:
         ValueError: ``name`` is not a valid fd name.
     """
     _check_fdname(name)
-    return notify(f"FDSTORE=1\nFDNAME={name}", [_fd_of(f) for f in (fd, *more)])
+    return _notify(f"FDSTORE=1\nFDNAME={name}", [_fd_of(f) for f in (fd, *more)])
 
 
 def unpark(name: str) -> bool:
@@ -552,7 +585,7 @@ def unpark(name: str) -> bool:
     Returns False, sending nothing, without ``NOTIFY_SOCKET``.
     """
     _check_fdname(name)
-    return notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+    return _notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
 
 
 def parked_fds(environ: Mapping[str, str] | None = None) -> dict[str, list[int]]:
@@ -579,18 +612,15 @@ def parked(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.so
             serve(conn)                     # same TCP connection, the client noticed nothing
             handoff.unpark(name)            # when this client is done
 
-    Raises:
-        ListenerError: a parked fd is not a socket (use ``parked_fds()`` for those).
+    Only sockets are returned: a name parked with other kinds of fds too (a memfd of state, a
+    pipe) is left to ``parked_fds()``, so that a program that does not know those never breaks.
     """
     global _parked_socks
     if _parked_socks is None:
         raw = parked_fds(environ)
-        for name, fds in raw.items():
-            for fd in fds:
-                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                    raise ListenerError(
-                        f"parked fd {fd} ({name!r}) is not a socket; use handoff.parked_fds() "
-                        "to take parked fds of other kinds"
-                    )
-        _parked_socks = {name: [_socket_for(fd) for fd in fds] for name, fds in raw.items()}
+        _parked_socks = {
+            name: [_socket_for(fd) for fd in fds]
+            for name, fds in raw.items()
+            if all(stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in fds)
+        }
     return _parked_socks

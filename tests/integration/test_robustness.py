@@ -234,3 +234,36 @@ def test_worker_crash_loop_while_notify_dir_vanishes_does_not_kill_the_daemon(
     wait_until(
         lambda: len(daemon.worker_pids()) == 1 and pid_alive(daemon.worker_pids()[0]), 20, "restart"
     )
+
+
+def test_demo_answers_a_bad_content_length_with_400_and_keeps_serving(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    from bench.strict_client import request_once
+
+    daemon = run_daemon(processes=1, command=[sys.executable, "-m", "handoff.demo"])
+    (pid,) = daemon.worker_pids()
+    with socket.create_connection(daemon.address(), timeout=10) as conn:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+        assert conn.makefile("rb").readline().startswith(b"HTTP/1.1 400")
+    with socket.create_connection(daemon.address(), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and a client that leaves mid-request
+    assert request_once(daemon.address()).pid == pid  # the same worker still serves
+
+
+def test_worker_notify_without_a_listener_returns_false_and_never_raises(tmp_path: Path) -> None:
+    path = tmp_path / "gone.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))  # bound, then closed: sends get ECONNREFUSED
+    code = "import handoff; print(handoff.ready(), handoff.status('x'), handoff.stopping())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "NOTIFY_SOCKET": str(path)},
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "False", "False"]
+    assert out.stderr.count("cannot notify") == 1  # said once, not per call
