@@ -540,6 +540,9 @@ class Supervisor(ControlHandler):
         finally:
             if self.successor_pid is None:
                 with trio.CancelScope(shield=True):
+                    # The main pid is ours again before the successor dies: systemd must never
+                    # see "main process killed" for a unit that keeps serving.
+                    self.systemd.send(f"MAINPID={os.getpid()}")
                     if successor is not None:
                         await successor.abort()
                     self._take_back(gens, spawned)
