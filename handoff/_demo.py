@@ -107,7 +107,6 @@ class _DemoState:
     draining: bool = False
     idle_grace: float = 1.0
     idle_scopes: set[trio.CancelScope] = field(default_factory=set)
-    requests: int = 0
     worker: str = "0"
     tick_interval: float = 1.0
     # Cancelled on drain: ticker connections stop being read and are handed over.
@@ -195,7 +194,6 @@ async def _converse(stream: trio.SocketStream, state: _DemoState) -> None:
                 parts[2] == "HTTP/1.0" and headers.get("connection") != "keep-alive"
             )
             close = client_close or state.draining
-            state.requests += 1
             try:
                 await stream.send_all(_response(state, close))
             except trio.BrokenResourceError:
@@ -220,6 +218,8 @@ async def _accept(listener: trio.socket.SocketType) -> trio.socket.SocketType:
                 raise
             await trio.sleep(0.1)
             continue
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
 
@@ -228,8 +228,6 @@ async def _accept_loop(
 ) -> None:
     while True:
         conn = await _accept(listener)
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         nursery.start_soon(_serve_connection, trio.SocketStream(conn), state)
 
 
@@ -419,8 +417,6 @@ async def _accept_tickers(
 ) -> None:
     while True:
         conn = await _accept(listener)
-        if conn.family in (socket.AF_INET, socket.AF_INET6):
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ticker = _Ticker(sock=conn)
         if _CAN_HAND_OVER:
             ticker.state_fd = os.memfd_create("handoff-demo-ticker", os.MFD_CLOEXEC)

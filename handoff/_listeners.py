@@ -265,24 +265,3 @@ def adopt_inherited(
         claimed[config.name] = Listener(config=config, sock=sock, origin="inherited")
         log.info("listener.inherited", listener=config.name, fd=pick.fd, fdname=pick.name)
     return claimed, pool
-
-
-@final
-@dataclass(frozen=True)
-class FdSet:
-    """The ordered, named fds a generation receives: listeners first, then parked fds."""
-
-    listeners: tuple[tuple[str, int], ...]
-    parked: tuple[tuple[str, int], ...] = ()
-
-    @property
-    def all(self) -> tuple[tuple[str, int], ...]:
-        return self.listeners + self.parked
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.all]
-
-    @property
-    def fds(self) -> list[int]:
-        return [fd for _, fd in self.all]

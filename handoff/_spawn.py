@@ -70,12 +70,6 @@ class WorkerProcess:
         await trio.lowlevel.wait_readable(self.pidfd)
         return self._reap()
 
-    def poll(self) -> int | None:
-        """The exit code if the worker has exited (reaping it), else None; never blocks."""
-        if self.returncode is None and _pidfd_readable(self.pidfd):
-            return self._reap()
-        return self.returncode
-
     def _reap(self) -> int:
         code = 0
         if self.is_child:
@@ -116,16 +110,6 @@ class WorkerProcess:
             trio.lowlevel.notify_closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
-
-
-def _pidfd_readable(pidfd: int) -> bool:
-    import select
-
-    if pidfd < 0:
-        return True
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def describe_exit(code: int) -> str:

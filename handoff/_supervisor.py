@@ -35,6 +35,7 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -109,7 +110,9 @@ _REAP_GRACE_S: Final = 5.0
 _REPLY_GRACE_S: Final = 5.0
 
 
+@functools.cache
 def _version() -> str:
+    """The installed version, read once: it cannot change under a running process."""
     try:
         return metadata.version("handoffd")
     except metadata.PackageNotFoundError:
