@@ -36,6 +36,7 @@ from typing import Any
 
 from bench.compare import RESULTS_MD, machine, update_section, versions
 from bench.peers import BENCH, which
+from bench.peers.handoffd import handoffd_config
 
 SECTION_BEGIN = "<!-- bench.supervisor_cost:begin -->"
 SECTION_END = "<!-- bench.supervisor_cost:end -->"
@@ -44,24 +45,6 @@ WORKER = ["sh", "-c", "systemd-notify --ready; exec sleep 3600"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A supervisor must answer within this long; any wait here has this deadline.
 TIMEOUT = 30.0
-
-CONFIG = """\
-[supervisor]
-runtime_dir = "{runtime_dir}"
-
-[[listener]]
-name = "http"
-address = "127.0.0.1:0"
-backlog = 1024
-
-[program]
-command = {command}
-processes = 2
-ready = "notify"
-ready_timeout = 30
-stop_signal = "SIGTERM"
-drain_timeout = 5
-"""
 
 
 def rss_kib(pid: int) -> int:
@@ -125,7 +108,9 @@ def worker_time_to_ready(tmp: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.supervisor_cost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.supervisor_cost", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="100 upgrades, 10 s idle")
     parser.add_argument("--upgrades", type=int)
     parser.add_argument("--idle", type=float)
@@ -136,26 +121,35 @@ def main(argv: list[str] | None = None) -> int:
     idle = args.idle or (10.0 if args.quick else 60.0)
     handoffd = which("handoffd")
     if handoffd is None or which("systemd-notify") is None:
-        print("needs the handoffd console script (pip install -e .) and systemd-notify (apt-get install systemd)",
-              file=sys.stderr)
+        print(
+            "needs the handoffd console script (pip install -e .) and systemd-notify (apt-get install systemd)",
+            file=sys.stderr,
+        )
         return 2
 
     workdir = Path(tempfile.mkdtemp(prefix="supervisor-cost-", dir=BENCH / "out"))
     runtime = workdir / "run"
     runtime.mkdir()
     config = workdir / "handoffd.toml"
-    config.write_text(CONFIG.format(runtime_dir=runtime, command=json.dumps(WORKER)))
+    config.write_text(handoffd_config(runtime, WORKER, drain_timeout=5))
     cli = [handoffd]
     log = open(workdir / "handoffd.log", "wb")  # noqa: SIM115
-    sup = subprocess.Popen([*cli, "run", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL, start_new_session=True)
+    sup = subprocess.Popen(
+        [*cli, "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     result: dict[str, Any] = {"upgrades": upgrades, "idle_s": idle, "worker": WORKER}
     try:
         deadline = time.monotonic() + TIMEOUT
         control = str(runtime / "control.sock")
         while True:
             if sup.poll() is not None:
-                raise RuntimeError(f"handoffd exited {sup.returncode}; see {workdir / 'handoffd.log'}")
+                raise RuntimeError(
+                    f"handoffd exited {sup.returncode}; see {workdir / 'handoffd.log'}"
+                )
             if os.path.exists(control):
                 try:
                     status = control_call(control, {"v": 1, "op": "status"})
@@ -173,16 +167,24 @@ def main(argv: list[str] | None = None) -> int:
         cpu0, (v0, i0) = cpu_seconds(pid), context_switches(pid)
         time.sleep(idle)  # the measurement window itself
         cpu1, (v1, i1) = cpu_seconds(pid), context_switches(pid)
-        result.update(idle_cpu_s=round(cpu1 - cpu0, 3), idle_voluntary_switches=v1 - v0,
-                      idle_involuntary_switches=i1 - i0, idle_threads=len(os.listdir(f"/proc/{pid}/task")))
+        result.update(
+            idle_cpu_s=round(cpu1 - cpu0, 3),
+            idle_voluntary_switches=v1 - v0,
+            idle_involuntary_switches=i1 - i0,
+            idle_threads=len(os.listdir(f"/proc/{pid}/task")),
+        )
 
         # Overhead: the worker alone, the CLI, the control socket.
         alone = [worker_time_to_ready(workdir) for _ in range(args.samples)]
         cli_wall = []
         for _ in range(args.samples):
             t0 = time.perf_counter()
-            rc = subprocess.run([*cli, "upgrade", "--config", str(config)], capture_output=True, check=False,
-                                timeout=TIMEOUT).returncode
+            rc = subprocess.run(
+                [*cli, "upgrade", "--config", str(config)],
+                capture_output=True,
+                check=False,
+                timeout=TIMEOUT,
+            ).returncode
             cli_wall.append(time.perf_counter() - t0)
             if rc != 0:
                 raise RuntimeError(f"handoffd upgrade exited {rc}")
@@ -222,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         first = next((r for n, r in rss_series if n >= 100), result["rss_after_start_kib"])
         result["rss_growth_after_first_100_kib"] = result["rss_after_upgrades_kib"] - first
     finally:
-        subprocess.run([*cli, "stop", "--config", str(config)], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            [*cli, "stop", "--config", str(config)], capture_output=True, timeout=60, check=False
+        )
         try:
             sup.wait(TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -230,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             sup.wait()
         log.close()
 
-    result.update(machine=machine(), versions={k: v for k, v in versions().items() if k in ("python", "handoffd", "trio")},
-                  command="python -m bench.supervisor_cost " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    result.update(
+        machine=machine(),
+        versions={k: v for k, v in versions().items() if k in ("python", "handoffd", "trio")},
+        command="python -m bench.supervisor_cost "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
     print(json.dumps(result, indent=2))
     if not args.no_write:
         OUT_JSON.write_text(json.dumps(result, indent=2) + "\n")
@@ -242,31 +250,35 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(r: dict[str, Any]) -> str:
     mib = lambda kib: f"{kib / 1024:.1f} MiB"  # noqa: E731
-    return "\n".join([
-        SECTION_BEGIN,
-        "## Supervisor cost (bench/supervisor_cost.py)",
-        "",
-        f"{r['finished']}, command `{r['command']}`; {r['machine']['cpus']} x {r['machine']['cpu']}, "
-        f"kernel {r['machine']['kernel']}; " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
-        f"Workers: 2 x `{' '.join(r['worker'])}`.",
-        "",
-        "| measure | value | target |",
-        "|---|---|---|",
-        f"| supervisor RSS after start | {mib(r['rss_after_start_kib'])} | ≤ 40 MB |",
-        f"| RSS after {r['upgrades_done']} upgrades | {mib(r['rss_after_upgrades_kib'])} | no growth |",
-        f"| RSS growth after the first 100 upgrades | {r['rss_growth_after_first_100_kib']} KiB | 0 |",
-        f"| idle CPU over {r['idle_s']:g} s | {r['idle_cpu_s']} s | ~0 |",
-        f"| idle wake-ups over {r['idle_s']:g} s (voluntary + involuntary context switches, {r['idle_threads']} thread(s)) | "
-        f"{r['idle_voluntary_switches']} + {r['idle_involuntary_switches']} | 0 |",
-        f"| worker alone: spawn → READY=1 (median) | {r['worker_ready_median_ms']} ms | |",
-        f"| `handoffd upgrade` CLI wall time (median) | {r['cli_upgrade_median_ms']} ms | |",
-        f"| upgrade over the control socket (median) | {r['socket_upgrade_median_ms']} ms | |",
-        f"| overhead, CLI - worker alone | {r['overhead_cli_ms']} ms | ≤ 5 ms |",
-        f"| overhead, control socket - worker alone | {r['overhead_socket_ms']} ms | ≤ 5 ms |",
-        "",
-        f"RSS every 100 upgrades (KiB): {r['rss_series_kib']}. Raw: bench/supervisor_cost.json.",
-        SECTION_END,
-    ])
+    return "\n".join(
+        [
+            SECTION_BEGIN,
+            "## Supervisor cost (bench/supervisor_cost.py)",
+            "",
+            f"{r['finished']}, command `{r['command']}`; {r['machine']['cpus']} x {r['machine']['cpu']}, "
+            f"kernel {r['machine']['kernel']}; "
+            + ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+            + ".",
+            f"Workers: 2 x `{' '.join(r['worker'])}`.",
+            "",
+            "| measure | value | target |",
+            "|---|---|---|",
+            f"| supervisor RSS after start | {mib(r['rss_after_start_kib'])} | ≤ 40 MB |",
+            f"| RSS after {r['upgrades_done']} upgrades | {mib(r['rss_after_upgrades_kib'])} | no growth |",
+            f"| RSS growth after the first 100 upgrades | {r['rss_growth_after_first_100_kib']} KiB | 0 |",
+            f"| idle CPU over {r['idle_s']:g} s | {r['idle_cpu_s']} s | ~0 |",
+            f"| idle wake-ups over {r['idle_s']:g} s (voluntary + involuntary context switches, {r['idle_threads']} thread(s)) | "
+            f"{r['idle_voluntary_switches']} + {r['idle_involuntary_switches']} | 0 |",
+            f"| worker alone: spawn → READY=1 (median) | {r['worker_ready_median_ms']} ms | |",
+            f"| `handoffd upgrade` CLI wall time (median) | {r['cli_upgrade_median_ms']} ms | |",
+            f"| upgrade over the control socket (median) | {r['socket_upgrade_median_ms']} ms | |",
+            f"| overhead, CLI - worker alone | {r['overhead_cli_ms']} ms | ≤ 5 ms |",
+            f"| overhead, control socket - worker alone | {r['overhead_socket_ms']} ms | ≤ 5 ms |",
+            "",
+            f"RSS every 100 upgrades (KiB): {r['rss_series_kib']}. Raw: bench/supervisor_cost.json.",
+            SECTION_END,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -30,31 +30,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.peers.handoffd import handoffd_config
 from bench.strict_client import LoadClient
 
 REPO = Path(__file__).resolve().parent.parent
 LUA = REPO / "bench" / "wrk_report.lua"
 SECTION = "## Upgrades under load (bench/upgrade_under_load.py)"
 
-CONFIG = """\
-[supervisor]
-runtime_dir = "{run}"
-[[listener]]
-name = "http"
-address = "127.0.0.1:0"
-backlog = 1024
-[program]
-command = ["{python}", "-m", "handoff.demo"]
-processes = {processes}
-ready = "notify"
-ready_timeout = 30
-drain_timeout = 30
-"""
-
 
 def start_handoffd(base: Path, processes: int) -> tuple[subprocess.Popen[bytes], Path]:
     config = base / "handoffd.toml"
-    config.write_text(CONFIG.format(run=base / "run", python=sys.executable, processes=processes))
+    config.write_text(
+        handoffd_config(base / "run", [sys.executable, "-m", "handoff.demo"], processes=processes)
+    )
     log = open(base / "handoffd.log", "wb")  # noqa: SIM115  closed with the process
     proc = subprocess.Popen(
         [sys.executable, "-m", "handoff", "run", "--config", str(config), "--log-format", "json"],

@@ -23,24 +23,35 @@ from bench.peers import (
     which,
 )
 
-CONFIG = """\
-[supervisor]
-runtime_dir = "{runtime_dir}"
 
-[[listener]]
-name = "http"
-address = "127.0.0.1:0"
-backlog = 1024
-
-[program]
-command = [{python}, {app}]
-processes = 2
-ready = "notify"
-ready_timeout = 30
-stop_signal = "SIGTERM"
-drain_timeout = 30
-env = {{ BENCH_VERSION_FILE = {version_file} }}
-"""
+def handoffd_config(
+    runtime_dir: object,
+    command: list[str],
+    *,
+    processes: int = 2,
+    drain_timeout: float = 30,
+    env: dict[str, str] | None = None,
+) -> str:
+    """The config every benchmark runs handoffd with: one "http" listener on a free port."""
+    lines = [
+        "[supervisor]",
+        f"runtime_dir = {json.dumps(str(runtime_dir))}",
+        "[[listener]]",
+        'name = "http"',
+        'address = "127.0.0.1:0"',
+        "backlog = 1024",
+        "[program]",
+        f"command = {json.dumps(command)}",
+        f"processes = {processes}",
+        'ready = "notify"',
+        "ready_timeout = 30",
+        'stop_signal = "SIGTERM"',
+        f"drain_timeout = {drain_timeout}",
+    ]
+    if env:
+        lines.append("[program.env]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in env.items()]
+    return "\n".join(lines) + "\n"
 
 
 def handoffd_bin() -> str | None:
@@ -49,7 +60,9 @@ def handoffd_bin() -> str | None:
 
 class HandoffdPeer(Peer):
     name: ClassVar[str] = "handoffd"
-    summary: ClassVar[str] = "handoffd (this project): 2 workers on one held socket, notify readiness"
+    summary: ClassVar[str] = (
+        "handoffd (this project): 2 workers on one held socket, notify readiness"
+    )
     self_upgrade_na: ClassVar[str | None] = None
     self_upgrade_restarts_workers: ClassVar[bool] = False
     requires: ClassVar[list[Requirement]] = [Requirement("pip", "handoffd (pip install -e .)")]
@@ -76,11 +89,10 @@ class HandoffdPeer(Peer):
         runtime = self.workdir / "run"
         runtime.mkdir(exist_ok=True)
         (self.workdir / "handoffd.toml").write_text(
-            CONFIG.format(
-                runtime_dir=runtime,
-                python=json.dumps(sys.executable),
-                app=json.dumps(str(APP)),
-                version_file=json.dumps(str(self.version_file)),
+            handoffd_config(
+                runtime,
+                [sys.executable, str(APP)],
+                env={"BENCH_VERSION_FILE": str(self.version_file)},
             )
         )
         proc = self.spawn(self.cli("run"), "handoffd.log")
@@ -88,7 +100,9 @@ class HandoffdPeer(Peer):
         status: dict[str, object] = {}
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise RuntimeError(f"handoffd run exited {proc.returncode}: {self.log_tail('handoffd.log')}")
+                raise RuntimeError(
+                    f"handoffd run exited {proc.returncode}: {self.log_tail('handoffd.log')}"
+                )
             status = self.status()
             workers = status.get("workers") or []
             listeners = status.get("listeners") or []
@@ -118,7 +132,9 @@ class HandoffdPeer(Peer):
         if rc == 0:
             return ReloadOutcome("ok")
         if rc == 1:
-            return ReloadOutcome("failed", out.strip().splitlines()[-1] if out.strip() else "exit 1")
+            return ReloadOutcome(
+                "failed", out.strip().splitlines()[-1] if out.strip() else "exit 1"
+            )
         return ReloadOutcome("error", f"exit {rc}: {out.strip()[-200:]}")
 
     def reload(self) -> ReloadOutcome:
