@@ -40,21 +40,20 @@ from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import ProtocolError, SpawnError
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
-from ._spawn import WorkerProcess, describe_exit, spawn_worker
+from ._processes import kill_and_reap
+from ._spawn import DEFAULT_SPAWNER, describe_exit
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import ProgramConfig
+    from ._processes import ProcessHandle, Spawner
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
 WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
 
-# How long a killed worker may take to be reaped before we give up waiting (it cannot ignore
-# SIGKILL; this only bounds a process stuck in uninterruptible sleep).
-_REAP_TIMEOUT = 5.0
 _spawn_sequence = itertools.count(1)
 # The longest STATUS= text kept per worker (one line for `handoffd status`).
 _STATUS_MAX: Final = 1024
@@ -138,6 +137,8 @@ class GenerationSpec:
     backoff_initial: float
     backoff_max: float
     compat_environ: Mapping[str, str] = field(default_factory=dict)
+    #: How workers are started and watched (the process seam; fakes in unit tests).
+    spawner: Spawner = DEFAULT_SPAWNER
 
 
 @final
@@ -147,7 +148,7 @@ class WorkerSlot:
 
     index: int
     state: WorkerState = "starting"
-    process: WorkerProcess | None = None
+    process: ProcessHandle | None = None
     status: str | None = None
     restarts: int = 0
     last_exit: str | None = None
@@ -168,7 +169,7 @@ class AdoptedWorker:
     """
 
     index: int
-    process: WorkerProcess | None
+    process: ProcessHandle | None
     notify: NotifyReceiver | None
     channel: socket.socket | None
     state: WorkerState
@@ -530,7 +531,7 @@ async def _watch_adopted_worker(gen: Generation, slot: WorkerSlot) -> int | None
 async def _supervise_worker(
     gen: Generation,
     slot: WorkerSlot,
-    proc: WorkerProcess,
+    proc: ProcessHandle,
     receiver: NotifyReceiver,
     channel: socket.socket | None,
     *,
@@ -556,9 +557,7 @@ async def _supervise_worker(
             with trio.CancelScope(shield=True):
                 # Handed over: the successor supervises this worker now; it must live on.
                 if proc.returncode is None and not gen.handed_over:
-                    proc.kill()
-                    with trio.move_on_after(_REAP_TIMEOUT):
-                        await proc.wait()
+                    await kill_and_reap(proc)
                 slot.exited.set()
             if proc.returncode is not None:
                 log.info("worker.exited", pid=proc.pid, reason=_exit_reason(proc))
@@ -576,7 +575,7 @@ async def _supervise_worker(
             channel.close()
 
 
-def _exit_reason(proc: WorkerProcess) -> str:
+def _exit_reason(proc: ProcessHandle) -> str:
     if proc.is_child and proc.returncode is not None:
         return describe_exit(proc.returncode)
     return "exited (status unknown: adopted from the previous supervisor, not our child)"
@@ -592,7 +591,7 @@ def _close_receiver(receiver: NotifyReceiver, *, unlink: bool) -> None:
 
 def _spawn(
     spec: GenerationSpec, parked: ParkedFds, slot: WorkerSlot, notify_path: str
-) -> tuple[WorkerProcess, socket.socket | None]:
+) -> tuple[ProcessHandle, socket.socket | None]:
     program = spec.program
     env = dict(spec.environ)
     env.update(program.env)
@@ -605,7 +604,7 @@ def _spawn(
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)
         env["HANDOFF_LISTENERS"] = str(len(spec.listeners))
         env.update(spec.compat_environ)
-        proc = spawn_worker(
+        proc = spec.spawner.spawn(
             program.command,
             environ=env,
             fds=[fd for _, fd in fdset],
@@ -619,7 +618,7 @@ def _spawn(
         raise SpawnError(f"cannot create the handoff channel: {exc.strerror}") from exc
     try:
         env["HANDOFF_FD"] = "3"
-        proc = spawn_worker(
+        proc = spec.spawner.spawn(
             program.command,
             environ=env,
             fds=[theirs.fileno()],

@@ -217,6 +217,37 @@ def spawn_worker(
     return WorkerProcess(pid=pid, pidfd=pidfd)
 
 
+@final
+class PidfdSpawner:
+    """The default ``Spawner`` (see ``_processes``): posix_spawn, watched through pidfds."""
+
+    def spawn(
+        self,
+        command: Sequence[str],
+        *,
+        environ: Mapping[str, str],
+        fds: Sequence[int],
+        set_listen_pid: bool,
+        cwd: Path | None = None,
+        own_process_group: bool = True,
+    ) -> WorkerProcess:
+        return spawn_worker(
+            command,
+            environ=environ,
+            fds=fds,
+            set_listen_pid=set_listen_pid,
+            cwd=cwd,
+            own_process_group=own_process_group,
+        )
+
+    def adopt(self, pid: int, pidfd: int | None = None) -> WorkerProcess:
+        return adopt_process(pid, pidfd)
+
+
+#: The spawner every supervisor uses unless a test injects another.
+DEFAULT_SPAWNER: Final = PidfdSpawner()
+
+
 def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
     """Watch a process that is not our child (after a self-upgrade) through a pidfd.
 

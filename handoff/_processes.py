@@ -1,0 +1,89 @@
+"""The process seam: how the supervisor starts, watches, signals and reaps processes.
+
+The supervisor, the generations and the handover never call ``posix_spawn``, ``pidfd_open`` or
+``waitid`` themselves; they go through a ``Spawner`` that returns ``ProcessHandle`` objects.
+The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.3+). Unit tests pass
+the fakes of ``tests/fakes.py`` instead, so the state machine runs on trio's virtual clock with
+processes the test drives (the shape tableflip's ``env`` struct gives its upgrader).
+
+Design notes:
+- A handle is owned by exactly one task (the worker slot that runs it); ``close()`` releases
+  what watches it (a pidfd) without signalling it, which is how a self-upgrade lets go.
+- ``kill_and_reap`` is the one place that SIGKILLs and waits a bounded time for the reap; every
+  caller (a worker slot's cleanup, a failed successor) shares its bound.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
+# How long a SIGKILLed process may take to be reaped before we stop waiting for it. It cannot
+# ignore SIGKILL; this only bounds a process stuck in uninterruptible sleep (a dead NFS mount).
+REAP_TIMEOUT_S: Final = 5.0
+
+
+class ProcessHandle(Protocol):
+    """A process we supervise: ours (a child) or adopted from a previous supervisor."""
+
+    pid: int
+    #: The exit code once reaped (``-signal`` when killed); None while it runs.
+    returncode: int | None
+    #: Only a parent can reap and learn the exit status; an adopted process is not our child.
+    is_child: bool
+    #: The pidfd a self-upgrade hands over, or -1 (closed, or a platform without pidfds).
+    pidfd: int
+
+    async def wait(self) -> int:
+        """Wait for the exit (reaping a child); returns the exit code, or -signal."""
+        ...
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the process; a no-op once it has exited."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL it; a no-op once it has exited."""
+        ...
+
+    def close(self) -> None:
+        """Stop watching it, without signalling it."""
+        ...
+
+
+class Spawner(Protocol):
+    """Starts worker processes and adopts handed-over ones."""
+
+    def spawn(
+        self,
+        command: Sequence[str],
+        *,
+        environ: Mapping[str, str],
+        fds: Sequence[int],
+        set_listen_pid: bool,
+        cwd: Path | None = None,
+        own_process_group: bool = True,
+    ) -> ProcessHandle:
+        """Start ``command`` with ``fds`` at 3, 4, ...; raises ``SpawnError`` on failure."""
+        ...
+
+    def adopt(self, pid: int, pidfd: int | None = None) -> ProcessHandle:
+        """Watch a process that is not our child (handed over by a previous supervisor)."""
+        ...
+
+
+async def kill_and_reap(process: ProcessHandle, reap_timeout: float = REAP_TIMEOUT_S) -> None:
+    """SIGKILL ``process`` and wait up to ``reap_timeout`` for it to be reaped, shielded.
+
+    Safe to call from cleanup (``finally``) in a cancelled scope: the wait is shielded and
+    bounded, so a cancelled supervisor still reaps what it kills.
+    """
+    with trio.CancelScope(shield=True):
+        process.kill()
+        with trio.move_on_after(reap_timeout):
+            await process.wait()
