@@ -103,7 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     fmt = args.log_format
     configure_logging(json=None if fmt == "auto" else fmt == "json")
-    from ._supervisor import run_supervisor
+    from ._startup import run_supervisor
 
     loaded = load_config(_config_path(args))
     trio.run(run_supervisor, loaded, dict(os.environ))

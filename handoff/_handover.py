@@ -62,6 +62,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -74,20 +75,32 @@ import structlog
 import trio
 from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
 
-from ._config import ListenerConfig, ProgramConfig
+from ._config import ListenerConfig, ProgramConfig, load_config
 from ._control import UpgradeReply
-from ._errors import HandoffError, ProtocolError, SpawnError, UpgradeError
+from ._errors import (
+    ConfigError,
+    HandoffError,
+    ListenerError,
+    ProtocolError,
+    SpawnError,
+    UpgradeError,
+)
 from ._generation import AdoptedWorker, WorkerState
 from ._listeners import Listener
 from ._notify import NotifyReceiver, notify
 from ._passing import Received, get, put
 from ._paths import HANDOVER_FD_ENV
-from ._spawn import WorkerProcess, adopt_process, describe_exit, spawn_worker
+from ._pidfile import restore_pid_file
+from ._processes import kill_and_reap
+from ._spawn import DEFAULT_SPAWNER, describe_exit
+from ._systemd import SystemdNotifier
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
-    from ._supervisor import Supervisor
+    from ._generation import Generation
+    from ._processes import ProcessHandle
+    from ._tickets import UpgradeQueue, UpgradeTicket
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -100,8 +113,8 @@ OLDEST_STATE_VERSION: Final = 1
 _NOT_FOR_SUCCESSOR: Final = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID", HANDOVER_FD_ENV)
 # After the new supervisor exited, how long its last message (a refusal) may take to be read.
 _LAST_WORDS_S: Final = 1.0
-# Reaping a killed successor (it cannot ignore SIGKILL; this bounds uninterruptible sleep only).
-_REAP_TIMEOUT_S: Final = 5.0
+# How long a supervisor that handed over waits for its callers to take their replies.
+_REPLY_GRACE_S: Final = 5.0
 # sd_notify_barrier(3) is normally answered in microseconds; this bounds a wedged manager.
 _BARRIER_TIMEOUT_S: Final = 10.0
 
@@ -236,10 +249,30 @@ def _log_format_args(argv: Sequence[str]) -> list[str]:
     return []
 
 
-def snapshot(sup: Supervisor) -> tuple[SupervisorState, list[tuple[str, int]]]:
-    """The state and the fd set to hand over; call it with every generation frozen.
+@final
+@dataclass(frozen=True)
+class SupervisorView:
+    """What a self-upgrade hands over, as the supervisor sees it with its generations frozen.
 
-    The fds stay owned by ``sup``: Put sends copies.
+    A value the supervisor builds for ``snapshot``: the handover never reads the supervisor.
+    """
+
+    config_path: Path
+    listeners: tuple[Listener, ...]
+    parked: tuple[tuple[str, int], ...]
+    generations: tuple[Generation, ...]
+    current: int | None
+    next_generation: int
+    retired_listeners: frozenset[str]
+    last_upgrade: UpgradeReply | None
+    watchdog_interval: float | None
+    notify_socket: str | None
+
+
+def snapshot(view: SupervisorView) -> tuple[SupervisorState, list[tuple[str, int]]]:
+    """The state and the fd set to hand over; ``view`` is taken with every generation frozen.
+
+    The fds stay owned by the supervisor: Put sends copies.
     """
     fds: list[tuple[str, int]] = []
 
@@ -256,15 +289,15 @@ def snapshot(sup: Supervisor) -> tuple[SupervisorState, list[tuple[str, int]]]:
             origin=li.origin,
             config=li.config.model_dump(mode="json"),
         )
-        for li in sup.listeners.values()
+        for li in view.listeners
     ]
     parked = [
         HandedParked(name=name, fd=key(f"parked:{i}", fd))
-        for i, (name, fd) in enumerate(sup.parked.items())
+        for i, (name, fd) in enumerate(view.parked)
     ]
     now = trio.current_time()
     generations: list[HandedGeneration] = []
-    for gen in sup.generations():
+    for gen in view.generations:
         workers: list[HandedWorker] = []
         for slot in gen.slots:
             proc, receiver = slot.process, slot.notify
@@ -308,16 +341,18 @@ def snapshot(sup: Supervisor) -> tuple[SupervisorState, list[tuple[str, int]]]:
     state = SupervisorState(
         v=STATE_VERSION,
         pid=os.getpid(),
-        config_path=str(sup.loaded.path),
-        next_generation=sup.next_generation,
-        current=sup.current.number if sup.current is not None else None,
+        config_path=str(view.config_path),
+        next_generation=view.next_generation,
+        current=view.current,
         generations=generations,
         listeners=listeners,
         parked=parked,
-        retired_listeners=sorted(sup.retired_listeners - set(sup.listeners)),
-        last_upgrade=None if sup.last_upgrade is None else sup.last_upgrade.model_dump(mode="json"),
-        watchdog_interval=sup.systemd.watchdog_interval,
-        notify_socket=sup.environ.get("NOTIFY_SOCKET") or None,
+        retired_listeners=sorted(view.retired_listeners - {li.name for li in view.listeners}),
+        last_upgrade=None
+        if view.last_upgrade is None
+        else view.last_upgrade.model_dump(mode="json"),
+        watchdog_interval=view.watchdog_interval,
+        notify_socket=view.notify_socket,
     )
     return state, fds
 
@@ -326,7 +361,7 @@ def snapshot(sup: Supervisor) -> tuple[SupervisorState, list[tuple[str, int]]]:
 class Successor:
     """A new supervisor that said it is in charge; ``commit()`` makes it so, ``abort()`` not."""
 
-    def __init__(self, process: WorkerProcess, channel: trio.socket.SocketType) -> None:
+    def __init__(self, process: ProcessHandle, channel: trio.socket.SocketType) -> None:
         self.process = process
         self.pid = process.pid
         self._channel = channel
@@ -356,12 +391,9 @@ class Successor:
         self._channel.close()
 
 
-async def _kill(process: WorkerProcess) -> None:
-    with trio.CancelScope(shield=True):
-        process.kill()
-        with trio.move_on_after(_REAP_TIMEOUT_S):
-            await process.wait()
-        process.close()
+async def _kill(process: ProcessHandle) -> None:
+    await kill_and_reap(process)
+    process.close()
 
 
 async def offer(
@@ -383,7 +415,7 @@ async def offer(
     env = {k: v for k, v in environ.items() if k not in _NOT_FOR_SUCCESSOR}
     env[HANDOVER_FD_ENV] = "3"
     try:
-        process = spawn_worker(
+        process = DEFAULT_SPAWNER.spawn(
             argv, environ=env, fds=[theirs.fileno()], set_listen_pid=False, own_process_group=False
         )
     except SpawnError as exc:
@@ -416,7 +448,7 @@ async def offer(
 
 async def _exchange(
     channel: trio.socket.SocketType,
-    process: WorkerProcess,
+    process: ProcessHandle,
     state: SupervisorState,
     fds: Sequence[tuple[str, int]],
     self_upgrade_timeout: float,
@@ -474,6 +506,135 @@ def _parse_reply(received: Received) -> tuple[HandoverReply | None, str | None]:
         return None, f"it answered {str(received.payload)[:200]}, not a handover reply"
 
 
+@final
+@dataclass(frozen=True)
+class HandoverOutcome:
+    """How a self-upgrade ended, for the supervisor to apply."""
+
+    #: Set once the commit went out: the successor is in charge and we only exit from here on.
+    successor_pid: int | None
+    reply: UpgradeReply | None
+    reason: str | None
+    #: Pids of every successor started (dead or alive): their staged sockets must not remain.
+    spawned: tuple[int, ...]
+
+
+async def hand_over(
+    ticket: UpgradeTicket,
+    gens: Sequence[Generation],
+    view: Callable[[], SupervisorView],
+    *,
+    config_path: Path,
+    environ: Mapping[str, str],
+    systemd: SystemdNotifier,
+    self_upgrade_timeout: float,
+    generation: int,
+) -> HandoverOutcome:
+    """The old supervisor's side of one self-upgrade; never raises for a failure of the new one.
+
+    Freezes ``gens``, snapshots ``view()``, offers it to a new handoffd and commits. Before the
+    commit every failure SIGKILLs the successor (after claiming systemd's MAINPID back, so systemd
+    never sees "main process killed" for a unit that keeps serving); the caller then thaws the
+    generations and carries on.
+    """
+    spawned: list[int] = []
+    successor: Successor | None = None
+    committed = False
+    reason: str | None = None
+    try:
+        try:
+            if os.getpid() == 1:
+                raise UpgradeError(
+                    "handoffd runs as pid 1 (a container's init): its exit would end the "
+                    "container, so it cannot hand over; restart the container instead"
+                )
+            # The same check the new one makes, here for the exact message and no spawn.
+            loaded = load_config(config_path)
+            argv = successor_command(ticket.request.exec_path, loaded.path, environ)
+            ticket.phase("config_loaded", str(loaded.path))
+            for gen in gens:
+                await gen.freeze()
+            state, fds = snapshot(view())
+            ticket.phase("frozen", f"{len(gens)} generation(s), {len(fds)} fds to hand over")
+            successor = await offer(
+                state, fds, argv, environ, self_upgrade_timeout, ticket.phase, spawned.append
+            )
+            ticket.phase("in_charge", f"supervisor pid {successor.pid}")
+            reply = ticket.ok(generation, generation, supervisor_pid=successor.pid)
+            # Let go before the commit leaves: sending it may wait, and a drain deadline reached
+            # meanwhile must not SIGKILL workers the successor is taking. A failed commit takes
+            # them back (the caller thaws them).
+            for gen in gens:
+                gen.hand_over()
+            await successor.commit(reply)
+            committed = True
+            return HandoverOutcome(successor.pid, reply, None, tuple(spawned))
+        except HandoffError as exc:
+            reason = str(exc)
+        except Exception as exc:  # the upgrade boundary: we keep serving whatever happened
+            log.exception("upgrade.crashed", supervisor=True)
+            reason = f"internal error: {exc!r}"
+    finally:
+        if not committed:
+            with trio.CancelScope(shield=True):
+                systemd.send(f"MAINPID={os.getpid()}")
+                if successor is not None:
+                    await successor.abort()
+    return HandoverOutcome(None, None, reason or "not handed over", tuple(spawned))
+
+
+def undo_handover(
+    control_path: Path | None,
+    spawned: Sequence[int],
+    systemd: SystemdNotifier,
+    pid_file: Path | None,
+) -> None:
+    """After a failed handover: systemd's MAINPID, the pid file, and no staged socket left.
+
+    The new supervisor (killed by now) may have sent MAINPID=, bound its staged control socket
+    and written the pid file; all is undone whether or not it got that far.
+    """
+    if control_path is not None:
+        for pid in spawned:
+            with contextlib.suppress(FileNotFoundError):
+                staged_control_path(control_path, pid).unlink()
+    systemd.send(f"MAINPID={os.getpid()}")
+    restore_pid_file(pid_file)
+
+
+async def leave(
+    ticket: UpgradeTicket, queue: UpgradeQueue, successor_pid: int, stop_requested: bool
+) -> None:
+    """After the commit: pass on what arrived meanwhile, answer every caller, then return.
+
+    A stop (an operator's SIGTERM or ``systemctl stop``) and a worker upgrade (SIGHUP) that
+    arrived during the handover are the successor's business now: they are forwarded, not
+    lost with this process. Queued requests fail with a hint to send them again.
+    """
+    pending = queue.take_all()
+    if stop_requested:
+        forward_signal(successor_pid, signal.SIGTERM)
+    if any(not t.request.supervisor for t in pending):
+        forward_signal(successor_pid, signal.SIGHUP)
+    for each in pending:
+        reason = (
+            f"handoffd handed over to a new supervisor (pid {successor_pid}) while this request "
+            "waited; send it again"
+        )
+        each.finish(each.failed(reason, ticket.reply.generation if ticket.reply else 0))
+    with trio.move_on_after(_REPLY_GRACE_S):
+        for each in [ticket, *pending]:
+            await each.returned.wait()
+    log.info("supervisor.handed_over", successor_pid=successor_pid)
+
+
+def forward_signal(successor_pid: int, signum: signal.Signals) -> None:
+    """Pass a signal meant for the service on to the supervisor now in charge of it."""
+    log.info("supervisor.forwarded", signal=signum.name, successor_pid=successor_pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(successor_pid, signum)
+
+
 # ---- the new supervisor's side ----
 
 
@@ -510,6 +671,19 @@ class AdoptedGeneration:
     draining: bool
     drain_remaining: float | None
     workers: list[AdoptedWorker]
+
+
+@final
+@dataclass
+class Claimed:
+    """What a successor takes from a ``Handover`` at its start (see ``Handover.claim``)."""
+
+    listeners: dict[str, Listener]
+    parked: list[tuple[str, int]]
+    next_generation: int
+    retired_listeners: set[str]
+    last_upgrade: UpgradeReply | None
+    systemd: SystemdNotifier
 
 
 @final
@@ -628,6 +802,77 @@ class Handover:
             cleanup_on_fail.pop_all()
         _close_fds(fds.values())
         return cls(channel, state, listeners, parked, generations, last_upgrade)
+
+    def claim(self) -> Claimed:
+        """Take the listeners, parked fds and numbering; the caller owns them from now on."""
+        state = self.state
+        # From the state, not our environment: WATCHDOG_PID there names the old supervisor.
+        notify_env = {"NOTIFY_SOCKET": state.notify_socket} if state.notify_socket else {}
+        systemd = SystemdNotifier(notify_env)
+        systemd.watchdog_interval = state.watchdog_interval
+        claimed = Claimed(
+            listeners=self.listeners,
+            parked=self.parked,
+            next_generation=state.next_generation,
+            retired_listeners=set(state.retired_listeners),
+            last_upgrade=self.last_upgrade,
+            systemd=systemd,
+        )
+        self.listeners, self.parked = {}, []
+        for li in claimed.listeners.values():
+            log.info("listener.handed_over", listener=li.name, address=li.bound_address(), fd=li.fd)
+        return claimed
+
+    def claim_generations(self) -> list[AdoptedGeneration]:
+        """Take the generations to supervise; the caller owns their workers from now on."""
+        generations, self.generations = self.generations, []
+        return generations
+
+    async def take_over(
+        self,
+        control_path: Path,
+        control_mode: int,
+        write_pid_file: Callable[[], None],
+        self_upgrade_timeout: float,
+    ) -> tuple[socket.socket, Path]:
+        """Stage our control socket, write the pid file, say in_charge, move the socket in place.
+
+        Returns the control socket and the path it answers on (the staged one if the rename
+        failed after the commit: serving the workers matters more than the control path).
+
+        Raises:
+            HandoffError: before the commit; the old supervisor was told and carries on.
+        """
+        try:
+            control, staged = bind_staged_control_socket(control_path, control_mode)
+        except OSError as exc:
+            reason = f"cannot bind a control socket next to {control_path}: {exc}"
+            await self.refuse(reason)
+            raise ListenerError(reason) from exc
+        try:
+            try:
+                # Before in_charge: after the commit nothing may fail any more.
+                write_pid_file()
+            except ConfigError as exc:
+                await self.refuse(str(exc))
+                raise
+            await self.confirm(f"taking over from pid {self.state.pid}", self_upgrade_timeout)
+        except BaseException:
+            control.close()
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            raise
+        try:
+            os.rename(staged, control_path)
+        except OSError as exc:
+            log.error(
+                "handover.control_socket_not_moved",
+                staged=str(staged),
+                error=exc.strerror,
+                hint=f"handoffd answers on {staged}; use --socket with that path",
+            )
+            return control, staged
+        return control, control_path
 
     async def confirm(self, status: str, self_upgrade_timeout: float) -> None:
         """Claim the main pid from systemd, say ``in_charge``, and wait for the commit.
@@ -750,14 +995,14 @@ def _validate(model: type[_M], value: Mapping[str, JsonValue], what: str) -> _M:
 
 
 def _adopt(hw: HandedWorker, take: Callable[[str | None], int]) -> AdoptedWorker:
-    process: WorkerProcess | None = None
+    process: ProcessHandle | None = None
     receiver: NotifyReceiver | None = None
     channel: socket.socket | None = None
     if hw.pid is not None:
         with ExitStack() as cleanup_on_fail:
             if hw.notify_path is None:
                 raise ProtocolError(f"worker pid {hw.pid} came without its notify socket path")
-            process = adopt_process(hw.pid, take(hw.pidfd))
+            process = DEFAULT_SPAWNER.adopt(hw.pid, take(hw.pidfd))
             cleanup_on_fail.callback(process.close)
             raw = _socket_from(take(hw.notify))
             cleanup_on_fail.callback(raw.close)

@@ -24,8 +24,8 @@ import pytest
 
 from handoff._config import LoadedConfig, load_config
 from handoff._errors import ListenerError
+from handoff._held import open_listeners
 from handoff._launchd import LaunchdLibrary, activate_socket, launchd_sockets, load_libsystem
-from handoff._supervisor import open_listeners
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -1,0 +1,258 @@
+"""Start-up wiring of ``handoffd run``: runtime dir, listeners, control socket, pid file, signals.
+
+``run_supervisor`` is also the successor's start-up in a self-upgrade: with
+``HANDOFF_SUPERVISOR_FD`` set it claims what the old supervisor hands over (``_handover``)
+instead of opening listeners and starting generation 1.
+
+Design notes:
+- Signal handlers are installed before READY=1 is sent anywhere: a SIGHUP that arrived between
+  READY and the handler would otherwise take its default action and kill the daemon.
+- Whoever opens a resource closes it: this module opens the control socket and the listeners
+  and closes them on the way out, whatever the supervisor did meanwhile.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from . import _client
+from ._config import control_socket_path
+from ._control import UpgradeRequest, bind_control_socket, serve_control
+from ._errors import HandoffError, ListenerError
+from ._generation import notify_dir_ok
+from ._held import open_listeners
+from ._memory import release_after_startup
+from ._paths import HANDOVER_FD_ENV
+from ._pidfile import remove_pid_file, write_pid_file_or_fail
+from ._spawn import DEFAULT_SPAWNER, unreaped_children
+from ._supervisor import Supervisor
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import AsyncIterator, Mapping
+    from pathlib import Path
+
+    from ._config import LoadedConfig
+    from ._handover import Handover
+    from ._processes import Spawner
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+
+async def run_supervisor(
+    loaded: LoadedConfig,
+    environ: Mapping[str, str],
+    *,
+    spawner: Spawner = DEFAULT_SPAWNER,
+    task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run handoffd until stopped: listeners, control socket, generation 1, upgrades.
+
+    Raises:
+        HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
+    """
+    handover_fd = environ.get(HANDOVER_FD_ENV)
+    if handover_fd is not None:
+        environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    sup = Supervisor(loaded, environ, spawner)
+    supervisor = loaded.config.supervisor
+    control_path = control_socket_path(supervisor, environ)
+    if handover_fd is None:
+        _refuse_if_running(control_path)
+    _prepare_runtime_dir(sup, control_path)
+    allowed = frozenset({0, os.getuid(), *supervisor.allowed_uids})
+    # Others than root and us can only connect if the socket file lets them (unix(7)); the
+    # SO_PEERCRED check then admits exactly the allowed uids.
+    control_mode = 0o666 if set(allowed) - {0, os.getuid()} else 0o600
+    if control_mode != 0o600:
+        # The allowed users must be able to reach the socket: traverse, but not list or write.
+        os.chmod(sup.runtime_dir, 0o711)
+    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
+    if os.getpid() == 1:
+        signals_wanted.append(signal.SIGCHLD)
+    handover: Handover | None = None
+    control: socket.socket | None = None
+    sup.control_path = control_path
+    with trio.open_signal_receiver(*signals_wanted) as signals:
+        try:
+            if handover_fd is None:
+                sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
+                control = _bind_control(control_path, control_mode)
+                write_pid_file_or_fail(supervisor.pid_file)
+            else:
+                handover = await _receive(sup, handover_fd)
+                control, control_path = await handover.take_over(
+                    control_path,
+                    control_mode,
+                    lambda: write_pid_file_or_fail(supervisor.pid_file),
+                    supervisor.self_upgrade_timeout,
+                )
+                sup.control_path = control_path
+                sup.last_upgrade = handover.last_upgrade
+            sup.control_inode = os.stat(control_path).st_ino
+            async with trio.open_nursery() as root:
+                await root.start(serve_control, control, sup, allowed)
+                root.start_soon(_handle_signals, sup, signals)
+                root.start_soon(sup.systemd.run_watchdog)
+                if await root.start(_run_until_stopped, sup, handover, root.cancel_scope):
+                    release_after_startup()
+                    _log_ready(sup, handover)
+                    sup.systemd.ready(sup.status_text())
+                    task_status.started(sup)
+        finally:
+            if handover is not None:
+                handover.close()  # whatever was received and not claimed
+            if control is not None:
+                control.close()
+            sup.held.close_all()
+            sup.parked.close_all()
+            _unlink_if_ours(sup.control_path, sup.control_inode)
+            if sup.successor_pid is None:
+                remove_pid_file(supervisor.pid_file)
+    log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
+
+
+async def _run_until_stopped(
+    sup: Supervisor,
+    handover: Handover | None,
+    root: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the supervisor; once it has drained and returned, end the control server and the
+    rest of the root nursery too."""
+    try:
+        await sup.run(handover, task_status=task_status)
+    finally:
+        root.cancel()
+
+
+async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
+    from ._handover import Handover
+
+    supervisor = sup.loaded.config.supervisor
+    handover = await Handover.receive(handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout)
+    claimed = handover.claim()
+    sup.held.systemd = sup.systemd = claimed.systemd
+    sup.held.adopt(claimed.listeners)
+    sup.held.retired = claimed.retired_listeners
+    sup.parked.restore(claimed.parked)
+    sup.gens.next_number = claimed.next_generation
+    sup.last_upgrade = claimed.last_upgrade
+    return handover
+
+
+def _bind_control(control_path: Path, control_mode: int) -> socket.socket:
+    try:
+        return bind_control_socket(control_path, mode=control_mode)
+    except OSError as exc:
+        raise ListenerError(
+            f"cannot create the control socket {control_path}: {exc.strerror}; "
+            "check supervisor.runtime_dir / supervisor.control_socket"
+        ) from exc
+
+
+def _log_ready(sup: Supervisor, handover: Handover | None) -> None:
+    log.info(
+        "supervisor.ready",
+        generation=sup.current.number if sup.current else None,
+        pids=sup.current.pids() if sup.current else [],
+        listeners={li.name: li.bound_address() for li in sup.held.values()},
+        control_socket=str(sup.control_path),
+        handover_from=handover.state.pid if handover else None,
+    )
+
+
+async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
+    """SIGHUP upgrades, SIGUSR2 self-upgrades, the first SIGTERM/SIGINT stops, a second one
+    kills the workers now; SIGCHLD (as PID 1 only) reaps orphans."""
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGCHLD:
+            _reap_orphans(unreaped_children())
+        elif sup.successor_pid is not None:
+            # The workers are the successor's now; never act on them from here.
+            log.warning("signal.received", signal=name, action="ignored: handed over")
+        elif signum == signal.SIGHUP:
+            log.info("signal.received", signal=name, action="upgrade")
+            sup.request_upgrade(UpgradeRequest())
+        elif signum == signal.SIGUSR2:
+            log.info("signal.received", signal=name, action="upgrade --self")
+            sup.request_upgrade(UpgradeRequest(supervisor=True))
+        elif sup.stop_requested.is_set():
+            log.warning("signal.received", signal=name, action="kill workers now")
+            sup.gens.kill_all()
+        else:
+            log.info("signal.received", signal=name, action="stop")
+            sup.stop()
+
+
+def _reap_orphans(known: frozenset[int]) -> None:
+    """As PID 1 (a container), reap exited processes that are not our workers.
+
+    Workers (every child we spawned and have not reaped, including those of a generation still
+    starting) are reaped through their pidfds; waiting on them here would steal their status.
+    """
+    children: set[int] = set()
+    try:
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(p) for p in f.read().split())
+    except OSError:
+        return
+    for pid in children - known:
+        with suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+def _refuse_if_running(control_path: Path) -> None:
+    """Refuse to start over a live daemon: binding would steal its control socket."""
+    try:
+        reply = _client.call(control_path, {"op": "status"}, timeout=2.0)
+    except HandoffError:
+        return  # nothing answers there: the path is free (or stale)
+    raise ListenerError(
+        f"another handoffd (pid {reply.get('pid')}) already serves the control socket "
+        f"{control_path}; stop it first, or give this one another supervisor.runtime_dir"
+    )
+
+
+def _prepare_runtime_dir(sup: Supervisor, control_path: Path) -> None:
+    """Create the runtime dir, or refuse one that another user could tamper with."""
+    problem = notify_dir_ok(sup.notify_dir)
+    if problem is None and len(os.fsencode(str(control_path))) > 107:
+        problem = (
+            f"the control socket path {control_path} is longer than unix(7) allows (107 bytes)"
+        )
+    if problem is not None:
+        raise ListenerError(f"supervisor.runtime_dir: {problem}")
+    try:
+        sup.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info = os.stat(sup.runtime_dir)
+        if info.st_uid != os.getuid() or info.st_mode & 0o022:
+            raise ListenerError(
+                f"supervisor.runtime_dir: {sup.runtime_dir} is owned by uid {info.st_uid} or "
+                f"writable by others (mode {info.st_mode & 0o777:o}); handoffd keeps its control "
+                "socket there, so it must be ours and not group- or world-writable"
+            )
+        sup.notify_dir.mkdir(exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise ListenerError(
+            f"supervisor.runtime_dir: cannot create {sup.runtime_dir}: {exc.strerror}; run as a "
+            "user who may, or set runtime_dir to a directory you own"
+        ) from exc
+
+
+def _unlink_if_ours(path: Path | None, inode: int | None) -> None:
+    """Remove the control socket unless a successor supervisor has already replaced it."""
+    try:
+        if path is not None and inode is not None and os.stat(path).st_ino == inode:
+            path.unlink()
+    except OSError:
+        pass

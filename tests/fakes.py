@@ -1,0 +1,137 @@
+"""Fake processes for unit tests of the supervisor and the generations (the process seam).
+
+``FakeSpawner`` implements ``handoff._processes.Spawner``: nothing is started, each "worker" is
+a ``FakeProcess`` the test drives. A fake worker speaks the real sd_notify protocol to the real
+notify socket the generation bound (``notify("READY=1")``), so everything above the seam is the
+production code. Run these on trio's ``autojump_clock``: timeouts and backoffs pass instantly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from handoff._errors import SpawnError
+
+_pids = itertools.count(900_001)
+
+
+@dataclass(eq=False)
+class FakeProcess:
+    """A worker the test drives: ``exit(code)``, ``notify(text)``, ``await next_signal()``."""
+
+    command: list[str]
+    environ: dict[str, str]
+    fds: list[int]
+    pid: int = field(default_factory=lambda: next(_pids))
+    returncode: int | None = None
+    is_child: bool = True
+    pidfd: int = -1
+    #: Signals it exits on by itself (SIGKILL always ends it).
+    exits_on: frozenset[int] = frozenset({signal.SIGTERM})
+    signals: list[int] = field(default_factory=list)
+    started_at: float = field(default_factory=trio.current_time)
+    _exited: trio.Event = field(default_factory=trio.Event)
+    _signal_send: trio.MemorySendChannel[int] | None = None
+    _signal_receive: trio.MemoryReceiveChannel[int] | None = None
+
+    def __post_init__(self) -> None:
+        self._signal_send, self._signal_receive = trio.open_memory_channel[int](100)
+
+    @property
+    def generation(self) -> int:
+        return int(self.environ["HANDOFF_GENERATION"])
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None:
+            return
+        self.signals.append(sig)
+        assert self._signal_send is not None
+        self._signal_send.send_nowait(sig)
+        if sig == signal.SIGKILL:
+            self.exit(-signal.SIGKILL)
+        elif sig in self.exits_on:
+            self.exit(-sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        pass
+
+    def exit(self, code: int) -> None:
+        """The process ends with ``code`` (``-N``: killed by signal N)."""
+        if self.returncode is None:
+            self.returncode = code
+            self._exited.set()
+
+    def notify(self, text: str) -> None:
+        """Send ``text`` to the worker's NOTIFY_SOCKET, as sd_notify(3) would."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(text.encode(), self.environ["NOTIFY_SOCKET"])
+
+    async def next_signal(self) -> int:
+        assert self._signal_receive is not None
+        return await self._signal_receive.receive()
+
+
+#: What a fake worker does as soon as it is spawned (e.g. notify READY=1, or exit).
+Behaviour = Callable[[FakeProcess], None]
+
+
+def ready_at_once(proc: FakeProcess) -> None:
+    proc.notify("READY=1")
+
+
+@dataclass
+class FakeSpawner:
+    """A ``Spawner`` whose processes are ``FakeProcess``es; ``behaviour`` runs on each spawn."""
+
+    behaviour: Behaviour = ready_at_once
+    processes: list[FakeProcess] = field(default_factory=list)
+    fail_with: str | None = None
+    _spawns: tuple[trio.MemorySendChannel[FakeProcess], trio.MemoryReceiveChannel[FakeProcess]] = (
+        field(default_factory=lambda: trio.open_memory_channel[FakeProcess](10_000))
+    )
+
+    def spawn(
+        self,
+        command: Sequence[str],
+        *,
+        environ: Mapping[str, str],
+        fds: Sequence[int],
+        set_listen_pid: bool,
+        cwd: Path | None = None,
+        own_process_group: bool = True,
+    ) -> FakeProcess:
+        if self.fail_with is not None:
+            raise SpawnError(self.fail_with)
+        proc = FakeProcess(command=list(command), environ=dict(environ), fds=list(fds))
+        self.processes.append(proc)
+        self._spawns[0].send_nowait(proc)
+        self.behaviour(proc)
+        return proc
+
+    async def next_spawn(self) -> FakeProcess:
+        """The next process spawned (in order; none is missed)."""
+        return await self._spawns[1].receive()
+
+    def adopt(self, pid: int, pidfd: int | None = None) -> FakeProcess:
+        raise AssertionError("the fakes do not adopt processes")
+
+    def of_generation(self, number: int) -> list[FakeProcess]:
+        return [p for p in self.processes if p.generation == number]
+
+    def live(self) -> list[FakeProcess]:
+        return [p for p in self.processes if p.returncode is None]
