@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import pytest
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -40,6 +42,7 @@ def zombie_children(pid: int) -> list[int]:
     return zombies
 
 
+@pytest.mark.slow
 def test_200_upgrades_leave_fds_rss_and_children_where_they_started(
     run_daemon: Callable[..., Daemon],
 ) -> None:

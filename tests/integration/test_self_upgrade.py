@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from bench.strict_client import LoadClient, request_once
 from tests.daemon import Daemon, pid_alive, wait_until
 
@@ -73,6 +75,7 @@ def python_handoffd(path: Path, patch: str) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_twenty_self_upgrades_under_load_fail_no_request_and_keep_the_workers(
     run_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:

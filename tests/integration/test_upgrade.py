@@ -31,6 +31,7 @@ def fresh_request_generation(daemon: Daemon) -> int | None:
 DEMO = [sys.executable, "-m", "handoff.demo"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("delivery", "command"),
     [
