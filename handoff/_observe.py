@@ -151,7 +151,14 @@ def listener_key(name: str, sock: socket.socket) -> ListenerKey:
 
 
 def listener_keys(socks: Mapping[str, socket.socket]) -> dict[int, ListenerKey]:
-    """Keys of the held listeners by inode, the form ``observe_tree`` takes."""
+    """Keys of the held listeners by inode, the form ``observe_tree`` takes.
+
+    Args:
+        socks: The held listening sockets by name.
+
+    Returns:
+        Inode to key.
+    """
     keys = (listener_key(name, sock) for name, sock in socks.items())
     return {key.inode: key for key in keys}
 
@@ -724,7 +731,18 @@ def check_readiness(
     min_waiting: int = 1,
     reader: ProcReader | None = None,
 ) -> Readiness:
-    """Walk, observe and judge a worker's tree in one call (what a generation polls)."""
+    """Walk, observe and judge a worker's tree in one call (what a generation polls).
+
+    Args:
+        roots: The worker's pid, plus any descendants known otherwise (its process group,
+            orphans the subreaper adopted).
+        keys: The held listeners by inode (``listener_keys``).
+        min_waiting: How many processes must wait at least.
+        reader: The ``/proc`` to read; the real one by default.
+
+    Returns:
+        The verdict; ``unobservable`` means fall back to READY=1 and say so.
+    """
     proc = reader or LinuxProc()
     return judge_readiness(
         observe_tree(walk_tree(roots, proc), keys, proc), keys, min_waiting=min_waiting

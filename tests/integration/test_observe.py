@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -249,3 +250,30 @@ def test_exited_tree_is_not_accepting(children: Children) -> None:
     readiness = children.check(proc.pid)
     assert readiness.verdict == "not-accepting"
     assert readiness.reason == "no process of the tree is alive"
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+)
+def test_observer_without_ptrace_access_reports_unobservable(children: Children) -> None:
+    proc = children.spawn("serve_one()")
+    wait_until(lambda: children.ready(proc.pid))
+    key = next(iter(children.keys.values()))
+    code = (
+        "from handoff._observe import ListenerKey, check_readiness\n"
+        f"key = ListenerKey('http', {key.inode}, {key.dev}, 'stream')\n"
+        f"r = check_readiness([{proc.pid}], {{key.inode: key}})\n"
+        "print(r.verdict, r.reason)"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        timeout=30,
+    ).stdout
+    assert out.startswith(
+        f"unobservable readiness cannot be observed: cannot read /proc/{proc.pid}/fd"
+    )
+    assert "ptrace" in out
