@@ -27,12 +27,13 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import _client
+from ._phases import Phase, WorkerState  # noqa: TC001  pydantic resolves them at run time
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 PROTOCOL_VERSION: Final = 1
 # Requests are tiny; a line longer than this is a client bug or an attack, not a request.
@@ -68,7 +69,7 @@ class WorkerInfo(_Wire):
     generation: int
     index: int
     pid: int | None
-    state: str
+    state: WorkerState
     status: str | None = None
     restarts: int = 0
     last_exit: str | None = None
@@ -112,7 +113,7 @@ class StatusInfo(_Wire):
     pid: int
     version: str
     config: str
-    state: str
+    state: Phase
     generation: int
     workers: list[WorkerInfo]
     listeners: list[ListenerInfo]

@@ -32,7 +32,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
@@ -48,11 +48,11 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ._config import ProgramConfig
+    from ._phases import WorkerState
     from ._processes import ProcessHandle, Spawner
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
-WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
 
 _spawn_sequence = itertools.count(1)
 # The longest STATUS= text kept per worker (one line for `handoffd status`).

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._config import Address, ListenerConfig
     from ._systemd import InheritedFd
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 _KIND_TYPE = {
     "tcp": socket.SOCK_STREAM,

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # sh(1) exec shim: export LISTEN_PID as the shell's own pid, then become the worker.
 _SHIM: Final = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'

@@ -19,7 +19,7 @@ from ._notify import notify
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # sd_listen_fds(3): passed fds start at 3 (SD_LISTEN_FDS_START).
 SD_LISTEN_FDS_START: Final = 3
