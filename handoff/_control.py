@@ -31,6 +31,7 @@ from ._phases import Phase, WorkerState  # noqa: TC001  pydantic resolves them a
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from collections.abc import Set as AbstractSet
     from pathlib import Path
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
@@ -194,7 +195,7 @@ _ACCEPT_BACKOFF_S: Final = 0.1
 async def serve_control(
     listener: socket.socket,
     handler: ControlHandler,
-    allowed_uids: frozenset[int],
+    allowed_uids: AbstractSet[int],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -220,7 +221,7 @@ async def serve_control(
 
 
 async def _serve_connection(
-    conn: trio.socket.SocketType, handler: ControlHandler, allowed_uids: frozenset[int]
+    conn: trio.socket.SocketType, handler: ControlHandler, allowed_uids: AbstractSet[int]
 ) -> None:
     stream = trio.SocketStream(conn)
     async with stream:
@@ -233,7 +234,7 @@ async def _converse(
     conn: trio.socket.SocketType,
     stream: trio.SocketStream,
     handler: ControlHandler,
-    allowed_uids: frozenset[int],
+    allowed_uids: AbstractSet[int],
 ) -> None:
     uid = peer_uid(conn)
     if uid not in allowed_uids:

@@ -31,7 +31,7 @@ from ._listeners import Listener, adopt_inherited, bind_listener
 from ._systemd import InheritedFd, parse_listen_fds
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     import trio
 
@@ -183,9 +183,12 @@ class HeldListeners:
             self.retired.discard(li.name)
             li.close()
 
-    async def forget_retired(self, names: Iterable[str], users: Sequence[Generation]) -> None:
+    async def forget_retired(self, users: Sequence[Generation]) -> None:
         """Listeners retired under the previous supervisor (we have no fd): drop them from
         systemd's fd store once the generations that used them have stopped."""
+        names = sorted(self.retired)
+        if not names:
+            return
         for gen in users:
             await gen.stopped.wait()
         for name in names:

@@ -66,10 +66,10 @@ async def run_supervisor(
     if handover_fd is None:
         _refuse_if_running(control_path)
     _prepare_runtime_dir(sup, control_path)
-    allowed = frozenset({0, os.getuid(), *supervisor.allowed_uids})
+    allowed = sup.allowed_uids
     # Others than root and us can only connect if the socket file lets them (unix(7)); the
     # SO_PEERCRED check then admits exactly the allowed uids.
-    control_mode = 0o666 if set(allowed) - {0, os.getuid()} else 0o600
+    control_mode = 0o666 if allowed - {0, os.getuid()} else 0o600
     if control_mode != 0o600:
         # The allowed users must be able to reach the socket: traverse, but not list or write.
         os.chmod(sup.runtime_dir, 0o711)
