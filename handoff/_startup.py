@@ -27,6 +27,7 @@ from ._control import UpgradeRequest, bind_control_socket, serve_control
 from ._errors import HandoffError, ListenerError
 from ._generation import notify_dir_ok
 from ._held import open_listeners
+from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
 from ._paths import HANDOVER_FD_ENV
 from ._pidfile import remove_pid_file, write_pid_file_or_fail
@@ -58,8 +59,8 @@ async def run_supervisor(
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
     handover_fd = environ.get(HANDOVER_FD_ENV)
-    if handover_fd is not None:
-        environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    raise_nofile_limit(environ)
     sup = Supervisor(loaded, environ, spawner)
     supervisor = loaded.config.supervisor
     control_path = control_socket_path(supervisor, environ)
