@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, final
 import structlog
 
 from ._errors import ListenerError
+from ._match import KIND_TYPES, address_matches
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -34,13 +35,6 @@ if TYPE_CHECKING:
     from ._systemd import InheritedFd
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
-
-_KIND_TYPE = {
-    "tcp": socket.SOCK_STREAM,
-    "unix": socket.SOCK_STREAM,
-    "udp": socket.SOCK_DGRAM,
-    "unixgram": socket.SOCK_DGRAM,
-}
 
 
 @final
@@ -101,7 +95,7 @@ def bind_listener(config: ListenerConfig) -> Listener:
     """
     addr = config.parsed_address
     where = f"listener {config.name!r} ({config.address})"
-    sock = socket.socket(_family_of(addr), _KIND_TYPE[addr.kind] | socket.SOCK_CLOEXEC)
+    sock = socket.socket(_family_of(addr), KIND_TYPES[addr.kind] | socket.SOCK_CLOEXEC)
     lock_fd: int | None = None
     try:
         if addr.is_unix:
@@ -205,25 +199,8 @@ def _lookup_id(value: str | int | None, what: str, where: str, lookup: object) -
 
 
 def socket_matches(sock: socket.socket, addr: Address) -> bool:
-    """Whether an inherited socket is of the kind and address a listener wants (sd_is_socket)."""
-    try:
-        if sock.type != _KIND_TYPE[addr.kind] or sock.family != _family_of(addr):
-            return False
-        name = sock.getsockname()
-    except OSError:
-        return False
-    if addr.is_unix:
-        want = _unix_sockaddr(addr)
-        have = name if isinstance(name, bytes) else os.fsencode(name)
-        return have == (want if isinstance(want, bytes) else os.fsencode(want))
-    if addr.port == 0:
-        return False
-    try:
-        want_ip = socket.inet_pton(sock.family, addr.host)
-        have_ip = socket.inet_pton(sock.family, name[0])
-    except OSError:
-        return False
-    return want_ip == have_ip and name[1] == addr.port
+    """Whether an inherited socket is of the kind and address a listener wants (see ``_match``)."""
+    return address_matches(sock, addr.kind, host=addr.host, port=addr.port, path=addr.path)
 
 
 def adopt_inherited(
