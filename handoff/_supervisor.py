@@ -84,6 +84,7 @@ from ._launchd import LaunchdLibrary, launchd_sockets
 from ._listeners import Listener, adopt_inherited, bind_listener
 from ._memory import release_after_startup, release_after_upgrade
 from ._paths import HANDOVER_FD_ENV
+from ._pidfile import remove_pid_file, write_configured_pid_file, write_pid_file
 from ._spawn import unreaped_children
 from ._systemd import (
     InheritedFd,
@@ -954,34 +955,6 @@ def _without_duplicates(inherited: list[InheritedFd]) -> list[InheritedFd]:
     return unique
 
 
-def write_pid_file(path: Path) -> None:
-    """Write our pid atomically (temp file + rename), so a reader never sees a partial file."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(f"{os.getpid()}\n")
-    os.rename(temp, path)
-
-
-def _write_pid_file(path: Path | None) -> None:
-    if path is None:
-        return
-    try:
-        write_pid_file(path)
-    except OSError as exc:
-        raise ConfigError(
-            f"supervisor.pid_file = {str(path)!r}: cannot write it: {exc.strerror}; use a "
-            "writable path, such as one under supervisor.runtime_dir"
-        ) from exc
-
-
-def _remove_pid_file(path: Path | None) -> None:
-    """Remove the pid file if it still names us (a successor rewrites it with its own pid)."""
-    if path is None:
-        return
-    with suppress(OSError):
-        if path.read_text().strip() == str(os.getpid()):
-            path.unlink()
-
-
 def _refuse_if_running(control_path: Path) -> None:
     """Refuse to start over a live daemon: binding would steal its control socket."""
     try:
@@ -1075,7 +1048,7 @@ async def run_supervisor(
                         f"cannot create the control socket {control_path}: {exc.strerror}; "
                         "check supervisor.runtime_dir / supervisor.control_socket"
                     ) from exc
-                _write_pid_file(config.supervisor.pid_file)
+                write_configured_pid_file(config.supervisor.pid_file)
             else:
                 # Bound now (a failure is the old one's to hear about), in place at the commit.
                 from ._handover import bind_staged_control_socket
@@ -1088,7 +1061,7 @@ async def run_supervisor(
                     raise ListenerError(reason) from exc
                 try:
                     # Before in_charge: after the commit nothing may fail any more.
-                    _write_pid_file(config.supervisor.pid_file)
+                    write_configured_pid_file(config.supervisor.pid_file)
                 except ConfigError as exc:
                     await handover.refuse(str(exc))
                     with suppress(FileNotFoundError):
@@ -1166,7 +1139,7 @@ async def run_supervisor(
             sup.parked.close_all()
             _unlink_if_ours(control_path, sup._control_inode)
             if sup.successor_pid is None:
-                _remove_pid_file(config.supervisor.pid_file)
+                remove_pid_file(config.supervisor.pid_file)
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
 
 

@@ -5,12 +5,52 @@ Each test here failed on the main branch before the fix it guards.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+import os
+import stat
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.daemon import Daemon, pid_alive, remove_tree, short_tempdir, wait_until, write_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
-    from tests.daemon import Daemon
+#: An unprivileged uid to play "another user" (the tests run as root).
+OTHER_UID = 65534
+
+
+@pytest.fixture
+def wrapped_daemon(no_fd_leak: None) -> Iterator[Callable[..., Daemon]]:
+    """``run_daemon`` for a handoffd started through a shell snippet (``$$`` is its pid).
+
+    ``script`` runs in ``sh -c`` before ``exec``-ing handoffd, so it can prepare what depends on
+    the daemon's pid or set its umask.
+    """
+    started: list[tuple[Daemon, Path]] = []
+
+    def start(script: str, base: Path | None = None, **config: Any) -> Daemon:
+        base = base or short_tempdir()
+        cfg = base / "handoffd.toml"
+        write_config(cfg, base / "run", **config)
+        daemon = Daemon(cfg, base / "run", wrap=["/bin/sh", "-c", f'{script}\nexec "$@"', "sh"])
+        started.append((daemon, base))
+        daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon, base in started:
+        pids: list[int] = []
+        if daemon.proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                pids = [w["pid"] for w in daemon.status()["workers"] if w["pid"]]
+        code = daemon.stop()
+        for pid in pids:
+            wait_until(lambda pid=pid: not pid_alive(pid), 10, f"worker {pid} to be gone")
+        remove_tree(base)
+        assert code == 0, f"handoffd exited {code}:\n{daemon.log_text()}"
 
 
 def _environ_of(pid: int) -> dict[str, str]:
@@ -45,3 +85,40 @@ def test_workers_never_inherit_systemds_listen_and_notify_variables(
     assert environ["LISTEN_FDNAMES"] == "http"
     assert environ["LISTEN_PID"] == str(pid)
     assert environ["NOTIFY_SOCKET"].startswith(str(daemon.runtime_dir))
+
+
+def test_pid_file_temp_name_planted_as_a_symlink_by_another_uid_is_never_followed(
+    wrapped_daemon: Callable[..., Daemon],
+) -> None:
+    # The pid file lives in a directory of the service's user (another uid). On main, root
+    # wrote through the predictable ".handoffd.pid.PID" and overwrote the file it points at.
+    base = short_tempdir()
+    base.chmod(0o755)  # the other uid must reach its own directory
+    piddir = base / "app"
+    piddir.mkdir()
+    os.chown(piddir, OTHER_UID, OTHER_UID)
+    victim = base / "victim"
+    victim.write_text("precious\n")
+    pid_file = piddir / "handoffd.pid"
+    plant = f"setpriv --reuid={OTHER_UID} --regid={OTHER_UID} --clear-groups ln -s {victim}"
+    daemon = wrapped_daemon(
+        f"{plant} {piddir}/.handoffd.pid.$$ || exit 99",
+        base=base,
+        processes=1,
+        extra_supervisor=f'pid_file = "{pid_file}"',
+    )
+    assert victim.read_text() == "precious\n"
+    assert pid_file.read_text() == f"{daemon.pid}\n"
+    assert not pid_file.is_symlink()
+
+
+def test_pid_file_is_0644_even_under_umask_000(wrapped_daemon: Callable[..., Daemon]) -> None:
+    base = short_tempdir()
+    pid_file = base / "handoffd.pid"
+    daemon = wrapped_daemon(
+        "umask 000", base=base, processes=1, extra_supervisor=f'pid_file = "{pid_file}"'
+    )
+    assert pid_file.read_text() == f"{daemon.pid}\n"
+    assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644
+    daemon.stop()
+    assert not pid_file.exists()
