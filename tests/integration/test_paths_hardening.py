@@ -5,52 +5,24 @@ Each test here failed on the main branch before the fix it guards.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import pytest
-
-from tests.daemon import Daemon, pid_alive, remove_tree, short_tempdir, wait_until, write_config
+from tests.daemon import short_tempdir
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-    from pathlib import Path
+    from collections.abc import Callable
+
+    from tests.daemon import Daemon
 
 #: An unprivileged uid to play "another user" (the tests run as root).
 OTHER_UID = 65534
 
 
-@pytest.fixture
-def wrapped_daemon(no_fd_leak: None) -> Iterator[Callable[..., Daemon]]:
-    """``run_daemon`` for a handoffd started through a shell snippet (``$$`` is its pid).
-
-    ``script`` runs in ``sh -c`` before ``exec``-ing handoffd, so it can prepare what depends on
-    the daemon's pid or set its umask.
-    """
-    started: list[tuple[Daemon, Path]] = []
-
-    def start(script: str, base: Path | None = None, **config: Any) -> Daemon:
-        base = base or short_tempdir()
-        cfg = base / "handoffd.toml"
-        write_config(cfg, base / "run", **config)
-        daemon = Daemon(cfg, base / "run", wrap=["/bin/sh", "-c", f'{script}\nexec "$@"', "sh"])
-        started.append((daemon, base))
-        daemon.wait_ready()
-        return daemon
-
-    yield start
-    for daemon, base in started:
-        pids: list[int] = []
-        if daemon.proc.poll() is None:
-            with contextlib.suppress(AssertionError):
-                pids = [w["pid"] for w in daemon.status()["workers"] if w["pid"]]
-        code = daemon.stop()
-        for pid in pids:
-            wait_until(lambda pid=pid: not pid_alive(pid), 10, f"worker {pid} to be gone")
-        remove_tree(base)
-        assert code == 0, f"handoffd exited {code}:\n{daemon.log_text()}"
+def _under_sh(script: str) -> list[str]:
+    """A ``wrap`` for ``run_daemon``: run ``script`` in sh, then exec handoffd (``$$`` is its pid)."""
+    return ["/bin/sh", "-c", f'{script}\nexec "$@"', "sh"]
 
 
 def _environ_of(pid: int) -> dict[str, str]:
@@ -88,7 +60,7 @@ def test_workers_never_inherit_systemds_listen_and_notify_variables(
 
 
 def test_pid_file_temp_name_planted_as_a_symlink_by_another_uid_is_never_followed(
-    wrapped_daemon: Callable[..., Daemon],
+    run_daemon: Callable[..., Daemon],
 ) -> None:
     # The pid file lives in a directory of the service's user (another uid). On main, root
     # wrote through the predictable ".handoffd.pid.PID" and overwrote the file it points at.
@@ -101,8 +73,8 @@ def test_pid_file_temp_name_planted_as_a_symlink_by_another_uid_is_never_followe
     victim.write_text("precious\n")
     pid_file = piddir / "handoffd.pid"
     plant = f"setpriv --reuid={OTHER_UID} --regid={OTHER_UID} --clear-groups ln -s {victim}"
-    daemon = wrapped_daemon(
-        f"{plant} {piddir}/.handoffd.pid.$$ || exit 99",
+    daemon = run_daemon(
+        wrap=_under_sh(f"{plant} {piddir}/.handoffd.pid.$$ || exit 99"),
         base=base,
         processes=1,
         extra_supervisor=f'pid_file = "{pid_file}"',
@@ -112,11 +84,14 @@ def test_pid_file_temp_name_planted_as_a_symlink_by_another_uid_is_never_followe
     assert not pid_file.is_symlink()
 
 
-def test_pid_file_is_0644_even_under_umask_000(wrapped_daemon: Callable[..., Daemon]) -> None:
+def test_pid_file_is_0644_even_under_umask_000(run_daemon: Callable[..., Daemon]) -> None:
     base = short_tempdir()
     pid_file = base / "handoffd.pid"
-    daemon = wrapped_daemon(
-        "umask 000", base=base, processes=1, extra_supervisor=f'pid_file = "{pid_file}"'
+    daemon = run_daemon(
+        wrap=_under_sh("umask 000"),
+        base=base,
+        processes=1,
+        extra_supervisor=f'pid_file = "{pid_file}"',
     )
     assert pid_file.read_text() == f"{daemon.pid}\n"
     assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644
