@@ -51,7 +51,6 @@ import structlog
 import trio
 from structlog.contextvars import bound_contextvars
 
-from . import _client
 from ._config import (
     ListenerConfig,
     LoadedConfig,
@@ -76,7 +75,6 @@ from ._generation import (
     Generation,
     GenerationSpec,
     ParkedFds,
-    notify_dir_ok,
     run_adopted_generation,
     run_generation,
 )
@@ -85,6 +83,7 @@ from ._listeners import Listener, adopt_inherited, bind_listener
 from ._memory import release_after_startup, release_after_upgrade
 from ._paths import HANDOVER_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file, write_pid_file
+from ._runtime_dir import open_runtime_dir, refuse_if_running, unlink_if_ours
 from ._spawn import unreaped_children
 from ._systemd import (
     InheritedFd,
@@ -955,44 +954,6 @@ def _without_duplicates(inherited: list[InheritedFd]) -> list[InheritedFd]:
     return unique
 
 
-def _refuse_if_running(control_path: Path) -> None:
-    """Refuse to start over a live daemon: binding would steal its control socket."""
-    try:
-        reply = _client.call(control_path, {"op": "status"}, timeout=2.0)
-    except HandoffError:
-        return  # nothing answers there: the path is free (or stale)
-    raise ListenerError(
-        f"another handoffd (pid {reply.get('pid')}) already serves the control socket "
-        f"{control_path}; stop it first, or give this one another supervisor.runtime_dir"
-    )
-
-
-def _prepare_runtime_dir(sup: Supervisor, control_path: Path) -> None:
-    """Create the runtime dir, or refuse one that another user could tamper with."""
-    problem = notify_dir_ok(sup.notify_dir)
-    if problem is None and len(os.fsencode(str(control_path))) > 107:
-        problem = (
-            f"the control socket path {control_path} is longer than unix(7) allows (107 bytes)"
-        )
-    if problem is not None:
-        raise ListenerError(f"supervisor.runtime_dir: {problem}")
-    try:
-        sup.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        info = os.stat(sup.runtime_dir)
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:
-            raise ListenerError(
-                f"supervisor.runtime_dir: {sup.runtime_dir} is owned by uid {info.st_uid} or "
-                f"writable by others (mode {info.st_mode & 0o777:o}); handoffd keeps its control "
-                "socket there, so it must be ours and not group- or world-writable"
-            )
-        sup.notify_dir.mkdir(exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ListenerError(
-            f"supervisor.runtime_dir: cannot create {sup.runtime_dir}: {exc.strerror}; run as a "
-            "user who may, or set runtime_dir to a directory you own"
-        ) from exc
-
-
 async def run_supervisor(
     loaded: LoadedConfig,
     environ: Mapping[str, str],
@@ -1011,15 +972,16 @@ async def run_supervisor(
     config = loaded.config
     control_path = control_socket_path(config.supervisor, environ)
     if handover_fd is None:
-        _refuse_if_running(control_path)
-    _prepare_runtime_dir(sup, control_path)
+        refuse_if_running(control_path)
+    runtime = open_runtime_dir(sup.runtime_dir, control_path)
+    sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
     allowed = frozenset({0, os.getuid(), *config.supervisor.allowed_uids})
     # Others than root and us can only connect if the socket file lets them (unix(7)); the
     # SO_PEERCRED check then admits exactly the allowed uids.
     control_mode = 0o666 if set(allowed) - {0, os.getuid()} else 0o600
     if control_mode != 0o600:
         # The allowed users must be able to reach the socket: traverse, but not list or write.
-        os.chmod(sup.runtime_dir, 0o711)
+        runtime.allow_traverse()
     signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
     if os.getpid() == 1:
         signals_wanted.append(signal.SIGCHLD)
@@ -1088,7 +1050,7 @@ async def run_supervisor(
                     )
                     control_path = staged
                 sup.last_upgrade = handover.last_upgrade
-            sup._control_inode = os.stat(control_path).st_ino
+            sup._control_inode = runtime.verify_control_socket(control_path)
             async with trio.open_nursery() as root:
                 sup._root = root
                 await root.start(serve_control, control, sup, allowed)
@@ -1137,16 +1099,8 @@ async def run_supervisor(
             for li in sup.listeners.values():
                 li.close()
             sup.parked.close_all()
-            _unlink_if_ours(control_path, sup._control_inode)
+            unlink_if_ours(control_path, sup._control_inode)
+            runtime.close()
             if sup.successor_pid is None:
                 remove_pid_file(config.supervisor.pid_file)
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
-
-
-def _unlink_if_ours(path: Path, inode: int | None) -> None:
-    """Remove the control socket unless a successor supervisor has already replaced it."""
-    try:
-        if inode is not None and os.stat(path).st_ino == inode:
-            path.unlink()
-    except OSError:
-        pass

@@ -6,18 +6,26 @@ Each test here failed on the main branch before the fix it guards.
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tests.daemon import short_tempdir
+import pytest
+
+from tests.daemon import REPO, remove_tree, short_tempdir, wait_until, write_config
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from tests.daemon import Daemon
 
 #: An unprivileged uid to play "another user" (the tests run as root).
 OTHER_UID = 65534
+#: A second one, for the user who plants a link for the first.
+ATTACKER_UID = 999
 
 
 def _under_sh(script: str) -> list[str]:
@@ -97,3 +105,145 @@ def test_pid_file_is_0644_even_under_umask_000(run_daemon: Callable[..., Daemon]
     assert stat.S_IMODE(pid_file.stat().st_mode) == 0o644
     daemon.stop()
     assert not pid_file.exists()
+
+
+def _run_once(config: Path, *, as_uid: int | None = None) -> subprocess.CompletedProcess[str]:
+    """``handoffd run`` on ``config``, expected to exit by itself (its worker is /bin/false)."""
+    prefix = []
+    if as_uid is not None:
+        prefix = ["setpriv", f"--reuid={as_uid}", f"--regid={as_uid}", "--clear-groups"]
+    env = {k: v for k, v in os.environ.items() if k not in _DEFAULT_DIR_VARS}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "handoff", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=60,
+    )
+
+
+# What runtime_dir_for looks at before the /tmp/handoffd-UID fallback.
+_DEFAULT_DIR_VARS = ("XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY", "NOTIFY_SOCKET", "LISTEN_FDS")
+
+
+def _exiting_config(path: Path, runtime_dir: Path | None) -> None:
+    write_config(path, runtime_dir or Path("unused"), command=["/bin/false"], processes=1)
+    if runtime_dir is None:  # the default runtime dir
+        text = path.read_text().replace('runtime_dir = "unused"\n', "")
+        path.write_text(text)
+
+
+def test_runtime_dir_through_a_symlink_owned_by_another_uid_is_refused() -> None:
+    # On main the check followed the link and ignored its owner, who could swap it later and
+    # receive the workers' READY=1 and parked fds.
+    base = short_tempdir()
+    try:
+        real = base / "real"
+        real.mkdir(mode=0o700)
+        link = base / "run"
+        link.symlink_to(real)
+        os.lchown(link, OTHER_UID, OTHER_UID)
+        _exiting_config(base / "handoffd.toml", link)
+        result = _run_once(base / "handoffd.toml")
+        assert result.returncode == 2, result.stderr
+        assert f"{link} is a symlink owned by uid {OTHER_UID}" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert list(real.iterdir()) == []  # nothing was created through it
+    finally:
+        remove_tree(base)
+
+
+@pytest.fixture
+def fallback_setup() -> Iterator[tuple[Path, Path]]:
+    """OTHER_UID's default runtime dir without XDG_RUNTIME_DIR (``/tmp/handoffd-UID``), which
+    must not exist yet, and a directory with a config for it (using the default); both removed."""
+    fallback = Path(f"/tmp/handoffd-{OTHER_UID}")
+    if fallback.exists() or fallback.is_symlink():
+        pytest.skip(f"{fallback} exists on this machine")
+    base = short_tempdir()
+    base.chmod(0o755)
+    _exiting_config(base / "handoffd.toml", None)
+    yield fallback, base
+    if fallback.is_symlink():
+        fallback.unlink()
+    remove_tree(fallback)
+    remove_tree(base)
+
+
+def test_default_runtime_dir_refuses_a_link_another_uid_planted_at_the_tmp_fallback(
+    fallback_setup: tuple[Path, Path],
+) -> None:
+    # /tmp/handoffd-UID is predictable: another uid plants a link to a directory the victim
+    # owns (and swaps it later); main followed it.
+    fallback, base = fallback_setup
+    decoy = base / "decoy"
+    decoy.mkdir(mode=0o700)
+    os.chown(decoy, OTHER_UID, OTHER_UID)
+    fallback.symlink_to(decoy)
+    os.lchown(fallback, ATTACKER_UID, ATTACKER_UID)
+    result = _run_once(base / "handoffd.toml", as_uid=OTHER_UID)
+    assert result.returncode == 2, result.stderr
+    assert f"{fallback} is a symlink owned by uid {ATTACKER_UID}" in result.stderr
+    assert list(decoy.iterdir()) == []
+
+
+def test_default_runtime_dir_fallback_is_created_0700_and_refused_if_another_uid_owns_it(
+    fallback_setup: tuple[Path, Path],
+) -> None:
+    fallback, base = fallback_setup
+    result = _run_once(base / "handoffd.toml", as_uid=OTHER_UID)
+    assert "Traceback" not in result.stderr
+    info = fallback.lstat()
+    assert stat.S_ISDIR(info.st_mode)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (OTHER_UID, 0o700)
+    remove_tree(fallback)
+    fallback.mkdir(mode=0o700)  # root's now: not the user's
+    result = _run_once(base / "handoffd.toml", as_uid=OTHER_UID)
+    assert result.returncode == 2, result.stderr
+    assert f"{fallback} is owned by uid 0, not by uid {OTHER_UID}" in result.stderr
+
+
+def test_a_root_owned_link_is_followed_once_and_a_later_swap_redirects_nothing(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    base = short_tempdir()
+    (base / "one").mkdir(mode=0o700)
+    (base / "two").mkdir(mode=0o700)
+    (base / "run").symlink_to(base / "one")  # root's own link, like /var/run -> /run
+    daemon = run_daemon(base=base, processes=1)
+    (old,) = daemon.worker_pids()
+    assert _environ_of(old)["NOTIFY_SOCKET"].startswith(f"{base}/one/notify/")
+    swap = base / "run.new"
+    swap.symlink_to(base / "two")
+    swap.rename(base / "run")
+    daemon.runtime_dir = base / "one"  # where the daemon still is; the CLI follows the link
+    mark = daemon.mark()
+    os.kill(old, signal.SIGKILL)
+    started = daemon.wait_event("worker.started", start=mark)
+    wait_until(
+        lambda: daemon.status()["workers"][0]["state"] == "ready", 30, "the restarted worker"
+    )
+    assert _environ_of(started["pid"])["NOTIFY_SOCKET"].startswith(f"{base}/one/notify/")
+    assert list((base / "two").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("runtime_dir", "expected"),
+    [
+        ("{base}/file/run", "{base}/file is a regular file, so nothing can be created below it"),
+        ("{base}/" + "d" * 100, "is 1"),  # "... is 1NN bytes, longer than the 107 ..."
+    ],
+)
+def test_unusable_runtime_dir_is_a_sentence_and_exit_2(runtime_dir: str, expected: str) -> None:
+    base = short_tempdir()
+    try:
+        (base / "file").write_text("not a directory\n")
+        _exiting_config(base / "handoffd.toml", Path(runtime_dir.format(base=base)))
+        result = _run_once(base / "handoffd.toml")
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert expected.format(base=base) in result.stderr
+        assert result.stderr.startswith("handoffd: ")
+    finally:
+        remove_tree(base)
