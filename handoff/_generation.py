@@ -39,6 +39,7 @@ from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import ProtocolError, SpawnError
 from ._fdname import valid_fdname
+from ._listeners import restore_flags
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._spawn import WorkerProcess, describe_exit, spawn_worker
 
@@ -594,6 +595,7 @@ def _spawn(
     env["HANDOFF_GENERATION"] = str(spec.number)
     env["HANDOFF_WORKER"] = str(slot.index)
     fdset = spec.listeners + parked.items()
+    restore_flags(fd for _, fd in spec.listeners)
     if program.fd_delivery == "listen_fds":
         env["LISTEN_FDS"] = str(len(fdset))
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)

@@ -39,7 +39,6 @@ import functools
 import math
 import os
 import signal
-import socket
 import sys
 from contextlib import ExitStack, suppress
 from functools import partial
@@ -731,12 +730,7 @@ class Supervisor(ControlHandler):
                 self.systemd.remove_fd(listener.name, listener.fd)
                 self.systemd.store_fd(config.name, listener.fd)
                 log.info("listener.renamed", listener=config.name, was=listener.name)
-            if (
-                listener.config.backlog != config.backlog
-                and listener.sock.type == socket.SOCK_STREAM
-            ):
-                listener.sock.listen(config.backlog)
-            listener.config = config
+            listener.apply(config)
 
     async def _close_retired(self, retired: list[Listener], users: list[Generation]) -> None:
         """Close listeners that left the config once no generation that used them remains."""
@@ -1097,7 +1091,7 @@ async def run_supervisor(
             if handover is not None:
                 handover.close()  # whatever was received and not claimed
             for li in sup.listeners.values():
-                li.close()
+                li.close(unlink=sup.successor_pid is None)
             sup.parked.close_all()
             unlink_if_ours(control_path, sup._control_inode)
             runtime.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -15,7 +16,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.daemon import REPO, remove_tree, short_tempdir, wait_until, write_config
+from bench.strict_client import request_once
+from handoff._config import ListenerConfig
+from handoff._errors import ListenerError
+from handoff._listeners import bind_listener
+from tests.daemon import REPO, WORKER, remove_tree, short_tempdir, wait_until, write_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -247,3 +252,93 @@ def test_unusable_runtime_dir_is_a_sentence_and_exit_2(runtime_dir: str, expecte
         assert result.stderr.startswith("handoffd: ")
     finally:
         remove_tree(base)
+
+
+def test_unlink_none_removes_its_own_socket_at_a_clean_stop_so_the_next_start_works(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    base = short_tempdir()
+    path = base / "local.sock"
+    listeners = [("http", "127.0.0.1:0"), ("local", f"unix:{path}", 'unlink = "none"')]
+    first = run_daemon(base=base, processes=1, listeners=listeners)
+    assert stat.S_ISSOCK(path.lstat().st_mode)
+    assert first.stop() == 0
+    assert not path.exists()
+    second = run_daemon(processes=1, listeners=listeners)  # failed on main: "exists"
+    assert request_once(str(path)).status == 200
+    assert second.stop() == 0
+    # A file left behind by a crash is named with the command that removes it.
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(path))
+    config = ListenerConfig(name="local", address=f"unix:{path}", unlink="none")
+    with pytest.raises(ListenerError, match=rf"a stale socket .*\(rm {path}\)"):
+        bind_listener(config)
+    path.unlink()
+
+
+@pytest.mark.parametrize("policy", ["socket-only", "flock"])
+def test_unlink_policies_never_remove_a_socket_another_process_serves(
+    policy: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "busy.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        config = ListenerConfig(name="s", address=f"unix:{path}", unlink=policy)  # type: ignore[arg-type]
+        with pytest.raises(ListenerError, match=rf"{path} is a live socket"):
+            bind_listener(config)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # still the other process's socket
+    # Once nobody serves it, it is stale and replaced as before.
+    bind_listener(config).close()
+
+
+def test_an_upgrade_applies_a_changed_mode_and_group_to_a_unix_listener(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    base = short_tempdir()
+    path = base / "local.sock"
+    before = [("http", "127.0.0.1:0"), ("local", f"unix:{path}", 'mode = "0600"')]
+    daemon = run_daemon(base=base, processes=1, listeners=before)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    after = [
+        ("http", "127.0.0.1:0"),
+        ("local", f"unix:{path}", 'mode = "0660"', f"group = {ATTACKER_UID}"),
+    ]
+    write_config(daemon.config, daemon.runtime_dir, processes=1, listeners=after)
+    code, reply = daemon.upgrade()
+    assert code == 0, reply
+    info = path.stat()
+    assert (stat.S_IMODE(info.st_mode), info.st_gid) == (0o660, ATTACKER_UID)
+    assert request_once(str(path)).status == 200
+
+
+# A worker that reports whether its listener (fd 3) came non-blocking, then sets O_NONBLOCK on
+# it (as an event loop would) and serves as the usual test worker.
+_NONBLOCK_WORKER = f"""
+import fcntl, os, runpy, sys
+flags = fcntl.fcntl(3, fcntl.F_GETFL)
+print(f"nonblocking-at-start={{bool(flags & os.O_NONBLOCK)}}", file=sys.stderr, flush=True)
+fcntl.fcntl(3, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+sys.argv = [{WORKER!r}]
+runpy.run_path({WORKER!r}, run_name="__main__")
+"""
+
+
+def test_o_nonblock_set_by_one_generation_is_not_inherited_by_the_next(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(processes=1, command=[sys.executable, "-c", _NONBLOCK_WORKER])
+
+    def started_nonblocking(start: int) -> str:
+        event = daemon.wait_event(
+            "raw", where=lambda e: "nonblocking-at-start=" in e["line"], start=start
+        )
+        return str(event["line"]).strip().split("=")[1]
+
+    assert started_nonblocking(0) == "False"
+    mark = daemon.mark()
+    code, reply = daemon.upgrade()
+    assert code == 0, reply
+    assert started_nonblocking(mark) == "False"  # "True" on main
+    assert request_once(daemon.address()).status == 200
