@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, final
@@ -39,6 +38,8 @@ import trio
 from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import ProtocolError, SpawnError
+from ._fdname import valid_fdname
+from ._listeners import restore_flags
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._processes import kill_and_reap
 from ._spawn import DEFAULT_SPAWNER, describe_exit
@@ -59,9 +60,6 @@ _spawn_sequence = itertools.count(1)
 _STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
 PARKED_MAX: Final = 4096
-# sd_pid_notify_with_fds(3): FDNAME= is at most 255 printable characters, and ':' would break
-# LISTEN_FDNAMES for every worker that receives the fd.
-_FDNAME_RE: Final = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
 
 
 @final
@@ -87,12 +85,9 @@ class ParkedFds:
         every crash-looping start must not exhaust the supervisor's fds. Returns whether the
         fds were kept (the caller closes them otherwise).
         """
-        if not _FDNAME_RE.match(name):
-            log.warning(
-                "fd.park_refused",
-                fdname=name[:64],
-                reason="FDNAME must be 1-255 printable characters without ':'",
-            )
+        invalid = valid_fdname(name)
+        if invalid is not None:
+            log.warning("fd.park_refused", fdname=name[:64], reason=f"FDNAME {invalid}")
             return False
         if len(self._items) + len(fds) > PARKED_MAX:
             log.warning(
@@ -599,6 +594,7 @@ def _spawn(
     env["HANDOFF_GENERATION"] = str(spec.number)
     env["HANDOFF_WORKER"] = str(slot.index)
     fdset = spec.listeners + parked.items()
+    restore_flags(fd for _, fd in spec.listeners)
     if program.fd_delivery == "listen_fds":
         env["LISTEN_FDS"] = str(len(fdset))
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)

@@ -47,7 +47,7 @@ async def start(nursery: trio.Nursery, base: Path, spawner: FakeSpawner, **confi
         try:
             await sup.run(task_status=task_status)
         finally:
-            sup.held.close_all()
+            sup.held.close_all(unlink=True)
 
     await nursery.start(run)
     return sup
