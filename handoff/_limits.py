@@ -46,6 +46,11 @@ def raise_nofile_limit(environ: MutableMapping[str, str]) -> int:
     return worker_soft
 
 
+def worker_fd_limit(environ: Mapping[str, str]) -> int:
+    """The soft RLIMIT_NOFILE workers start with (after ``raise_nofile_limit``)."""
+    return _inherited(environ, current_soft_limit())
+
+
 def _inherited(environ: Mapping[str, str], soft: int) -> int:
     value = environ.get(WORKER_NOFILE_ENV, "")
     return int(value) if value.isdigit() and int(value) > 0 else soft

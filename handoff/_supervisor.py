@@ -38,6 +38,7 @@ from ._errors import HandoffError, SpawnError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
+from ._limits import worker_fd_limit
 from ._memory import release_after_upgrade
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
@@ -79,7 +80,7 @@ class Supervisor(ControlHandler):
         self.runtime_dir = resolve_runtime_dir(loaded.config.supervisor, environ)
         self.notify_dir = self.runtime_dir / "notify"
         self.held = HeldListeners(self.systemd)
-        self.parked = ParkedFds()
+        self.parked = ParkedFds(worker_fd_limit(environ))
         self.gens = GenerationSet(
             parked=self.parked,
             notify_dir=self.notify_dir,
@@ -295,8 +296,7 @@ class Supervisor(ControlHandler):
         return ticket.ok(gen.number, old.number if old else None)
 
     async def _upgrade_supervisor(self, ticket: UpgradeTicket) -> UpgradeReply:
-        """One self-upgrade (see ``_handover``); never raises for a failure of the new one."""
-        # Imported on use: the handover's models cost ~1.5 MB the daemon need not carry.
+        """One self-upgrade (``_handover``, imported on use: ~1.5 MB); never raises for its failure."""
         from ._handover import hand_over
 
         gens = self.generations()
