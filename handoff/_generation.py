@@ -39,7 +39,7 @@ from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import ProtocolError, SpawnError
 from ._fdname import valid_fdname
-from ._listeners import restore_flags
+from ._listeners import restore_flags, revive_dead
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._processes import kill_and_reap
 from ._spawn import DEFAULT_SPAWNER, describe_exit
@@ -623,6 +623,7 @@ def _spawn(
     env["HANDOFF_WORKER"] = str(slot.index)
     fdset = spec.listeners + parked.items()
     restore_flags(fd for _, fd in spec.listeners)
+    revive_dead(fd for _, fd in spec.listeners)
     if program.fd_delivery == "listen_fds":
         env["LISTEN_FDS"] = str(len(fdset))
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)

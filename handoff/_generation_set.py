@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, final
 import structlog
 import trio
 
+from ._errors import SpawnError
 from ._generation import Generation, GenerationSpec, run_adopted_generation, run_generation
 from ._limits import WORKER_NOFILE_ENV, current_soft_limit
 from ._spawn import NOFILE_ENV
@@ -92,6 +93,15 @@ class GenerationSet:
         finally:
             self.starting = None
         nursery.start_soon(self._forget_when_stopped, gen)
+        # The readiness gate: a generation whose listener a worker shut down (and that cannot
+        # be revived) would be "ready" on a port that refuses every connection.
+        dead = [name for name, li in fdset if not li.revive()]
+        if dead:
+            gen.request_drain()
+            raise SpawnError(
+                f"listener {', '.join(map(repr, dead))} stopped listening (a worker called "
+                "shutdown(2) on it) and could not be made to listen again; see the log"
+            )
         return gen
 
     def promote(self, gen: Generation) -> Generation | None:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
+import trio
 
 from ._errors import ListenerError
 from ._launchd import launchd_sockets
@@ -32,14 +33,16 @@ from ._systemd import InheritedFd, parse_listen_fds
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    import trio
-
     from ._config import ListenerConfig, LoadedConfig
     from ._generation import Generation
     from ._launchd import LaunchdLibrary
     from ._systemd import SystemdNotifier
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+# How often listeners are checked while a generation starts, holds or drains (a getsockopt
+# each): a listener a worker shut down refuses connections until the next check.
+GUARD_INTERVAL_S: Final = 0.02
 
 
 @final
@@ -167,6 +170,8 @@ class HeldListeners:
         if retired:
             self.retired.update(li.name for li in retired)
             nursery.start_soon(self._close_retired, retired, list(users))
+        for gen in users:
+            nursery.start_soon(self.guard, gen.stopped)
 
     async def _close_retired(self, retired: list[Listener], users: list[Generation]) -> None:
         for gen in users:
@@ -190,6 +195,24 @@ class HeldListeners:
                 log.info("listener.closed", listener=name)
                 self.systemd.remove_fd(name)
                 self.retired.discard(name)
+
+    def revive_dead(self) -> list[str]:
+        """Make every held listener someone shut down listen again; the names that cannot."""
+        return [li.name for li in self.by_name.values() if not li.revive()]
+
+    async def guard(self, until: trio.Event) -> None:
+        """Check the listeners every ``GUARD_INTERVAL_S`` until ``until`` is set.
+
+        Runs while a generation starts, holds or drains: those are the moments a worker's
+        shutdown(2) of its inherited listener would turn an upgrade into an outage. Polling,
+        because the kernel offers no event for it; an idle supervisor runs none.
+        """
+        while True:
+            self.revive_dead()
+            if until.is_set():
+                return  # after one last check: the fault often comes with a worker's exit
+            with trio.move_on_after(GUARD_INTERVAL_S):
+                await until.wait()
 
     def close_all(self, *, unlink: bool) -> None:
         """Close every held listener; ``unlink``: remove the socket files we bound (not after a

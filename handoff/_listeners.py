@@ -24,6 +24,7 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import grp
@@ -31,6 +32,7 @@ import os
 import pwd
 import socket
 import stat
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, final
 
@@ -51,6 +53,8 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 # The file status flags each held socket had when we bound or inherited it, by socket identity
 # (st_dev, st_ino of the open file description): ``restore_flags`` gets fds, not Listeners.
 _flags_as_held: dict[tuple[int, int], int] = {}
+# Held inet stream listeners by socket identity, so ``revive_dead`` can be given fds.
+_held_streams: dict[tuple[int, int], Listener] = {}
 
 
 @final
@@ -65,8 +69,14 @@ class Listener:
     users: int = field(default=0)
     # (st_dev, st_ino) of the socket file we bound, to remove it at a clean stop if still ours.
     path_identity: tuple[int, int] | None = None
+    # An inet stream listener's address as bound (port 0 resolved), to bind again in revive().
+    sockname: tuple[str, int] | tuple[str, int, int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.origin and self.sock.type == socket.SOCK_STREAM and self.sock.family in _INET:
+            with contextlib.suppress(OSError):
+                self.sockname = self.sock.getsockname()
+                _held_streams[_identity(self.fd)] = self
         if self.origin:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
             if self.origin == "handed-over":
@@ -123,11 +133,67 @@ class Listener:
             return
         log.info("listener.updated", listener=config.name, mode=config.mode, group=config.group)
 
+    def is_listening(self) -> bool:
+        """False once someone ``shutdown(2)`` this inet stream listener (SO_ACCEPTCONN).
+
+        Datagram and Unix listeners always answer True: a datagram socket has no listen state,
+        and a Unix stream listener keeps SO_ACCEPTCONN set after shutdown(2), so it cannot be
+        told apart here (a documented limitation).
+        """
+        if self.sockname is None:
+            return True
+        try:
+            listening = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            # listen() after a shutdown(2) binds a fresh ephemeral port: listening, but not
+            # where anyone connects.
+            return bool(listening) and self.sock.getsockname()[:2] == self.sockname[:2]
+        except OSError:
+            return False
+
+    def revive(self) -> bool:
+        """Make a listener someone shut down listen again, on the same open file description.
+
+        Every generation holds this file description, so they all serve again. A plain
+        ``listen()`` is not enough once every holder called shutdown: it listens on a fresh
+        ephemeral port and the old one refuses. ``connect(AF_UNSPEC)`` resets the socket, it is
+        bound to its old address again (a port-0 listener keeps the port it had) and listens.
+        Returns whether it listens again (a failure is logged: another process took the port).
+        """
+        if self.is_listening() or self.sockname is None:
+            return True
+        try:
+            _disconnect(self.fd)
+            try:
+                self.sock.bind(self.sockname)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: still bound there, listen() will do
+                    raise
+            self.sock.listen(self.config.backlog)
+        except OSError as exc:
+            log.error(
+                "listener.not_revived",
+                listener=self.name,
+                address=self.bound_address(),
+                error=exc.strerror,
+                hint="another process may have taken the port; restart handoffd",
+            )
+            return False
+        listening = self.is_listening()
+        log.warning(
+            "listener.revived" if listening else "listener.not_revived",
+            listener=self.name,
+            address=self.bound_address(),
+            cause="a worker called shutdown(2) on its inherited listener, which stops it "
+            "listening for every holder; handoffd made it listen again",
+        )
+        return listening
+
     def close(self, *, unlink: bool = False) -> None:
         """Close the socket; with ``unlink``, also remove the socket file we bound, if it is
         still the one (a clean stop; never after a handover, the successor serves on it)."""
         with contextlib.suppress(OSError):
             _flags_as_held.pop(_identity(self.fd), None)
+            _held_streams.pop(_identity(self.fd), None)
         if unlink and self.path_identity is not None:
             path = self.config.parsed_address.path
             with contextlib.suppress(OSError):
@@ -148,6 +214,35 @@ def _identity(fd: int) -> tuple[int, int]:
 def _path_identity(path: str) -> tuple[int, int]:
     info = os.lstat(path)
     return info.st_dev, info.st_ino
+
+
+_INET: Final = (socket.AF_INET, socket.AF_INET6)
+_libc: ctypes.CDLL | None = None
+
+
+def _disconnect(fd: int) -> None:
+    """connect(2) with AF_UNSPEC: dissolve the socket's association (Python's connect cannot)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    address = struct.pack("H14x", socket.AF_UNSPEC)  # struct sockaddr, sa_family only
+    if _libc.connect(fd, ctypes.c_char_p(address), len(address)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def revive_dead(fds: Iterable[int]) -> list[str]:
+    """Before a spawn: revive each held inet listener among ``fds`` that stopped listening.
+
+    Returns the names of those that could not be revived.
+    """
+    dead = []
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            listener = _held_streams.get(_identity(fd))
+            if listener is not None and not listener.revive():
+                dead.append(listener.name)
+    return dead
 
 
 def restore_flags(fds: Iterable[int]) -> None:

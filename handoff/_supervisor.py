@@ -179,7 +179,7 @@ class Supervisor(ControlHandler):
             self.machine.to("running")
             task_status.started(True)
             async with trio.open_nursery() as upgrades:
-                upgrades.start_soon(self._run_upgrades)
+                upgrades.start_soon(self._run_upgrades, root)
                 await self.stop_requested.wait()
                 # An upgrade in progress ends first: stop() aborted its new generation, which
                 # is drained gracefully (cancelling it would SIGKILL workers that may hold
@@ -207,7 +207,7 @@ class Supervisor(ControlHandler):
             return False
         return True
 
-    async def _run_upgrades(self) -> None:
+    async def _run_upgrades(self, root: trio.Nursery) -> None:
         while True:
             ticket = await self.queue.next()
             if self.stop_requested.is_set():
@@ -215,6 +215,7 @@ class Supervisor(ControlHandler):
                 continue
             ticket.begin()
             self.upgrade_done = trio.Event()
+            root.start_soon(self.held.guard, self.upgrade_done)  # while N+1 starts and holds
             try:
                 if ticket.request.supervisor:
                     reply = await self._upgrade_supervisor(ticket)
