@@ -6,6 +6,7 @@ stopped answering, or a client that said something untrue.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -13,12 +14,14 @@ import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 from typing import TYPE_CHECKING
 
 import pytest
 
 from handoff import _client
+from handoff._control import MAX_CONNECTIONS, MAX_LINE
 from handoff._errors import DaemonUnreachableError
 from tests.daemon import (
     REPO,
@@ -102,8 +105,28 @@ def wchan(pid: int) -> str:
         return ""
 
 
+def unread_by_peer(sock: socket.socket) -> int:
+    """Bytes we sent that the peer has not read yet (SIOCOUTQ, unix(7))."""
+    out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", out)[0])
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 def control_path(daemon: Daemon) -> Path:
     return daemon.runtime_dir / "control.sock"
+
+
+def read_reply(sock: socket.socket) -> dict[str, object] | None:
+    with sock.makefile("rb") as reader:
+        line = reader.readline()
+    return json.loads(line) if line else None
 
 
 # ---- item 8: a momentarily full backlog is waited out, not a traceback ----
@@ -178,6 +201,166 @@ def test_status_answers_every_one_of_100_concurrent_clients(
     assert [r.get("op") for r in replies] == ["status"] * 100
 
 
+# ---- item 9: bounded connections, idle timeout, bounded memory ----
+
+
+def test_status_and_restarts_work_with_more_idle_connections_than_the_fd_limit() -> None:
+    base = short_tempdir()
+    cfg = base / "handoffd.toml"
+    write_config(cfg, base / "run", processes=1)
+    # 1,077 idle connections at 1,024 fds, scaled down: 300 at 128.
+    daemon = Daemon(cfg, base / "run", wrap=["prlimit", "--nofile=128:128", "--"])
+    idle: list[socket.socket] = []
+    try:
+        daemon.wait_ready()
+        (victim,) = daemon.worker_pids()
+        for _ in range(300):
+            idle.append(connect(control_path(daemon)))
+        assert daemon.status()["generation"] == 1
+        mark = daemon.mark()
+        os.kill(victim, signal.SIGKILL)
+        started = daemon.wait_event("worker.started", start=mark)
+        assert started["pid"] != victim
+        wait_until(lambda: daemon.worker_pids() == [started["pid"]], 20, "the restarted worker")
+        # the oldest idle connections made room, each told why
+        assert read_reply(idle[0]) == {
+            "ok": False,
+            "error": {
+                "code": "evicted",
+                "message": f"closed to make room: {MAX_CONNECTIONS} control connections were "
+                "open and this one was idle the longest; connect again and send the request "
+                "at once",
+            },
+        }
+    finally:
+        for sock in idle:
+            sock.close()
+        assert daemon.stop() == 0, daemon.log_text()
+        remove_tree(base)
+
+
+def test_idle_and_half_sent_connections_are_closed_after_the_idle_timeout(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(processes=1, env={"HANDOFF_CONTROL_IDLE_TIMEOUT": "0.5"})
+    path = control_path(daemon)
+    with connect(path) as silent, connect(path) as half, connect(path) as served:
+        half.sendall(b'{"v": 1, "op": "sta')
+        served.sendall(b'{"v": 1, "op": "status"}\n')
+        with silent.makefile("rb") as a, half.makefile("rb") as b, served.makefile("rb") as c:
+            assert json.loads(c.readline())["op"] == "status"
+            for reader in (a, b, c):  # c: idle again after its reply
+                reply = json.loads(reader.readline())
+                assert reply["error"]["code"] == "idle_timeout", reply
+                assert "no complete request line within 0.5s" in reply["error"]["message"]
+                assert reader.readline() == b""  # and closed
+    assert daemon.status()["generation"] == 1
+
+
+def test_an_upgrade_that_streams_longer_than_the_idle_timeout_is_not_cut_off(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(processes=1, ready="delay:1.5", env={"HANDOFF_CONTROL_IDLE_TIMEOUT": "0.3"})
+    code, reply = daemon.upgrade()
+    assert code == 0, reply
+    assert reply["generation"] == 2
+    assert reply["duration_s"] > 0.3
+
+
+def test_500_partial_lines_do_not_grow_the_daemon_by_more_than_a_few_mib(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(processes=1)
+    before = rss_kib(daemon.pid)
+    partial = b"x" * (MAX_LINE - 1)  # the longest line that is not refused, less its newline
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(500):
+            clients.append(connect(control_path(daemon)))
+            clients[-1].sendall(partial)
+        # Everything sent has been read by the daemon (or dropped as it closed the connection).
+        wait_until(
+            lambda: all(unread_by_peer(s) == 0 for s in clients), 60, "the daemon to read it all"
+        )
+        grown_kib = rss_kib(daemon.pid) - before
+        assert daemon.status()["generation"] == 1
+    finally:
+        for sock in clients:
+            sock.close()
+    assert grown_kib < 6 * 1024, f"the daemon grew by {grown_kib} KiB"
+
+
+# ---- item 17 and the refusal log: a refused uid is answered, and cannot flood the log ----
+
+REFUSED_UID = 65533
+
+
+def as_uid(uid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture
+def shared_daemon(run_daemon: Callable[..., Daemon]) -> Daemon:
+    """A daemon that lets uid 65534 in, so that other uids can reach its socket and be refused."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to act as another uid")
+    daemon = run_daemon(processes=1, extra_supervisor="allowed_uids = [65534]")
+    os.chmod(daemon.runtime_dir.parent, 0o711)
+    return daemon
+
+
+def test_a_refused_uid_is_answered_after_its_request_is_read(shared_daemon: Daemon) -> None:
+    # The client sends late: a daemon that answers and closes before reading makes its send fail
+    # with EPIPE (the flaky test's failure), and the reply is lost.
+    probe = (
+        "import select, socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "early = select.select([s], [], [], 0.5)[0]\n"
+        's.sendall(b\'{"v":1,"op":"status"}\\n\')\n'
+        "print('early' if early else 'after the request', s.makefile().readline())\n"
+    )
+    path = str(control_path(shared_daemon))
+    probed = as_uid(REFUSED_UID, "/usr/bin/python3", "-c", probe, path)
+    assert probed.stdout.startswith("after the request"), (probed.stdout, probed.stderr)
+    assert '"forbidden"' in probed.stdout
+    cli = as_uid(REFUSED_UID, "/usr/bin/python3", "-m", "handoff", "status", "--socket", path)
+    assert cli.returncode == 2, cli.stderr
+    assert cli.stderr == (
+        f"handoffd: uid {REFUSED_UID} may not control this handoffd; add it to "
+        "supervisor.allowed_uids\n"
+    )
+
+
+def test_refusals_are_logged_at_most_once_per_interval(shared_daemon: Daemon) -> None:
+    flood = (
+        "import socket, sys\n"
+        "for _ in range(50):\n"
+        "    with socket.socket(socket.AF_UNIX) as s:\n"
+        "        s.connect(sys.argv[1])\n"
+        '        s.sendall(b\'{"v":1,"op":"status"}\\n\')\n'
+        "        assert b'forbidden' in s.makefile('rb').readline()\n"
+    )
+    mark = shared_daemon.mark()
+    flooded = as_uid(REFUSED_UID, "/usr/bin/python3", "-c", flood, str(control_path(shared_daemon)))
+    assert flooded.returncode == 0, flooded.stderr
+    # A line logged after the flood: every refusal line is before it.
+    code, _ = shared_daemon.upgrade()
+    assert code == 0
+    upgraded = shared_daemon.wait_event("upgrade.started", start=mark)
+    with shared_daemon._cond:
+        events = shared_daemon.events[mark : shared_daemon.events.index(upgraded)]
+    refused = [e for e in events if e.get("event") == "control.refused"]
+    assert len(refused) == 1, refused  # the flood lasted far less than REFUSAL_LOG_INTERVAL
+    assert refused[0]["uid"] == REFUSED_UID
+
+
 # ---- item 12: a named config that cannot be read is an error, never the default daemon ----
 
 
@@ -202,6 +385,28 @@ def test_client_commands_with_a_missing_config_fail_and_reach_no_daemon(
     status = daemon.status()
     assert status["generation"] == 1
     assert status["last_upgrade"] is None
+
+
+# ---- a repeated key is refused, naming it ----
+
+
+def test_a_request_with_a_repeated_key_is_refused_naming_the_key(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(processes=1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(control_path(daemon)))
+        sock.sendall(b'{"v":1,"op":"status","op":"stop"}\n{"v":1,"op":"status"}\n')
+        with sock.makefile("rb") as reader:
+            refused = json.loads(reader.readline())
+            assert refused["error"] == {
+                "code": "bad_request",
+                "message": "request repeats the key 'op'; send each key once",
+            }
+            assert json.loads(reader.readline())["op"] == "status"  # the connection stays up
+    assert daemon.proc.poll() is None
+    assert daemon.status()["state"] == "running"
 
 
 # ---- sentences and documented exit codes instead of tracebacks ----
