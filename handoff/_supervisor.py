@@ -1061,6 +1061,7 @@ async def run_supervisor(
                 handover_fd, loaded.path, config.supervisor.self_upgrade_timeout
             )
             sup._take_state(handover)
+        control: socket.socket | None = None  # ours to close, whoever serves it
         try:
             for li in sup.listeners.values():
                 # After a handover these are stored already (systemd ignores a duplicate fd);
@@ -1159,6 +1160,8 @@ async def run_supervisor(
                     await sup._shutdown()
                 root.cancel_scope.cancel()
         finally:
+            if control is not None:
+                control.close()
             if handover is not None:
                 handover.close()  # whatever was received and not claimed
             for li in sup.listeners.values():
