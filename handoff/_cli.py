@@ -18,6 +18,7 @@ from ._client import STOPPING_REASON, call
 from ._errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_UNREACHABLE,
     EXIT_UPGRADE_FAILED,
     EXIT_USAGE,
     ConfigError,
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 DEFAULT_CONFIG = Path("/etc/handoffd/handoffd.toml")
 #: How long ``status`` and ``stop`` wait for the daemon's reply (not for the drain after it).
 STATUS_TIMEOUT = 10.0
+#: Error replies saying the daemon could not take the request now (the control socket's limits),
+#: not that the request was wrong: the daemon was not reachable for it.
+_NOT_NOW_CODES = frozenset({"busy", "evicted", "idle_timeout"})
 #: What an interrupted command says: a request handoffd already has goes on without the CLI.
 _INTERRUPTED = {
     "upgrade": "interrupted; an upgrade handoffd has received goes on; see `handoffd status`",
@@ -193,10 +197,13 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
     reply = call(path, request, on_event=on_event, timeout=args.timeout)
     if args.json:
         _print_json(reply)
-    elif _error_reply(reply) is None:
-        _print_outcome(reply)
-    if "error" in reply:
-        return EXIT_USAGE
+        failed = _exit_for_error(reply)
+    else:
+        failed = _error_reply(reply)
+        if failed is None:
+            _print_outcome(reply)
+    if failed is not None:
+        return failed
     return EXIT_OK if reply.get("ok") else EXIT_UPGRADE_FAILED
 
 
@@ -213,13 +220,22 @@ def _print_outcome(reply: dict[str, object]) -> None:
     print(f"upgrade failed after {reply.get('duration_s')}s: {reason}\n{after}", file=sys.stderr)
 
 
-def _error_reply(reply: dict[str, object]) -> int | None:
-    """Print the daemon's error reply (if it is one) and return the exit code for it."""
+def _exit_for_error(reply: dict[str, object]) -> int | None:
+    """The exit code for the daemon's error reply, or None if it is not one."""
     error = reply.get("error")
     if reply.get("ok") is False and isinstance(error, dict):
-        print(f"handoffd: {error.get('message', error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_UNREACHABLE if error.get("code") in _NOT_NOW_CODES else EXIT_USAGE
     return None
+
+
+def _error_reply(reply: dict[str, object]) -> int | None:
+    """Print the daemon's error reply (if it is one) and return the exit code for it."""
+    code = _exit_for_error(reply)
+    if code is not None:
+        error = reply["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        print(f"handoffd: {message}", file=sys.stderr)
+    return code
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -233,7 +249,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         ) from exc
     if args.json:
         _print_json(reply)
-        return EXIT_OK if reply.get("ok") is not False else EXIT_USAGE
+        failed = _exit_for_error(reply)
+        return EXIT_OK if failed is None else failed
     failed = _error_reply(reply)
     if failed is not None:
         return failed

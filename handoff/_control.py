@@ -401,6 +401,19 @@ class _Peer:
             self._broken = True
             raise
 
+    async def wait_gone(self) -> bool:
+        """Wait until the client closes its end: True; False if it sends more than a line
+        meanwhile (kept for ``receive_line``), and is then waited for no longer."""
+        try:
+            while len(self._buffer) <= MAX_LINE:
+                chunk = await self.stream.receive_some(MAX_LINE + 1 - len(self._buffer))
+                if not chunk:
+                    return True
+                self._buffer += chunk
+        except trio.BrokenResourceError:
+            return True
+        return False
+
     async def receive_line(self) -> bytes | None:
         """The next request line (without its newline), or None at end of stream.
 
@@ -631,14 +644,33 @@ async def _dispatch(line: bytes, peer: _Peer, handler: ControlHandler, *, may_ex
         # `handoffd stop` learns that the daemon is gone.
         await trio.sleep_forever()
     else:
+        await _serve_upgrade(request, peer, handler)
 
-        async def send_event(event: UpgradeEvent) -> None:
-            # If the client left, the upgrade goes on and is logged all the same.
-            with contextlib.suppress(trio.BrokenResourceError):
-                await peer.send(event.model_dump_json().encode() + b"\n")
 
+async def _serve_upgrade(request: UpgradeRequest, peer: _Peer, handler: ControlHandler) -> None:
+    """Stream the upgrade's events, then its reply; stop waiting once the client has left.
+
+    The upgrade goes on and is logged all the same, but a client that left no longer holds a
+    connection slot until its outcome (which may take ``ready_timeout``).
+    """
+
+    async def send_event(event: UpgradeEvent) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await peer.send(event.model_dump_json().encode() + b"\n")
+
+    async with trio.open_nursery() as nursery:
+
+        async def stop_waiting_when_gone() -> None:
+            if await peer.wait_gone():
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop_waiting_when_gone)
         reply = await handler.upgrade(request, send_event)
-        await peer.send(reply.model_dump_json().encode() + b"\n")
+        # Sent in the scheduling step in which upgrade() returned: after a self-upgrade the
+        # root is cancelled as soon as every caller has returned (see _supervisor).
+        with contextlib.suppress(trio.BrokenResourceError):
+            await peer.send(reply.model_dump_json().encode() + b"\n")
+        nursery.cancel_scope.cancel()
 
 
 # ---- client ----

@@ -239,6 +239,39 @@ def test_status_and_restarts_work_with_more_idle_connections_than_the_fd_limit()
         remove_tree(base)
 
 
+def test_status_is_told_busy_when_every_connection_serves_a_long_request(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    daemon = run_daemon(processes=1)
+    never_ready_upgrade(daemon)
+    mark = daemon.mark()
+    upgrades = [connect(control_path(daemon)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for sock in upgrades:
+            sock.sendall(b'{"v": 1, "op": "upgrade"}\n')
+        # Every connection is being served: the one upgrade that runs, and the one queued
+        # after it (if it started before the rest arrived), which the others joined.
+        wait_until(
+            lambda: (
+                sum(e["event"] == "upgrade.coalesced" for e in daemon.events[mark:])
+                >= MAX_CONNECTIONS - 2
+            ),
+            30,
+            "every upgrade request to be taken",
+        )
+        result = daemon.cli("status")
+    finally:
+        for sock in upgrades:
+            sock.close()
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == (
+        f"handoffd: handoffd is serving {MAX_CONNECTIONS} control requests (upgrades or stops in "
+        "progress); try again when they are done\n"
+    )
+    # Clients that left free their connections; the upgrade goes on.
+    assert daemon.status()["state"] == "upgrading"
+
+
 def test_idle_and_half_sent_connections_are_closed_after_the_idle_timeout(
     run_daemon: Callable[..., Daemon],
 ) -> None:
