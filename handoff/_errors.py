@@ -13,6 +13,11 @@ EXIT_OK: Final = 0
 EXIT_UPGRADE_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
+#: The CLI stopped waiting (``upgrade --timeout``) while handoffd goes on with the request.
+EXIT_GAVE_UP: Final = 4
+#: Interrupted (Ctrl-C) while waiting, as a shell reports SIGINT (128 + 2); handoffd goes on with
+#: a request it has already received.
+EXIT_INTERRUPTED: Final = 130
 
 
 class HandoffError(Exception):
@@ -45,7 +50,19 @@ class UpgradeError(HandoffError):
     """An upgrade failed; the previous generation keeps serving."""
 
 
+class UsageError(HandoffError):
+    """A command-line argument cannot work as given (say, a socket path unix(7) cannot hold)."""
+
+    exit_code = EXIT_USAGE
+
+
 class DaemonUnreachableError(HandoffError):
     """The CLI cannot reach a running handoffd over its control socket."""
 
     exit_code = EXIT_UNREACHABLE
+
+
+class GaveUpWaitingError(HandoffError):
+    """The CLI's deadline passed after handoffd received the request; handoffd carries on."""
+
+    exit_code = EXIT_GAVE_UP

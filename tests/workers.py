@@ -17,6 +17,7 @@ Modes:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -102,10 +103,8 @@ def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = Fa
             for s in listeners:
                 sel.unregister(s)
                 if shutdown:
-                    try:
+                    with contextlib.suppress(OSError):  # ENOTCONN: another worker did it first
                         s.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass  # ENOTCONN: another worker did it first
                 s.close()
             listeners = []
         if draining and not buffers:
