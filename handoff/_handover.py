@@ -79,14 +79,16 @@ from ._control import UpgradeReply
 from ._errors import HandoffError, ProtocolError, SpawnError, UpgradeError
 from ._generation import AdoptedWorker, WorkerState
 from ._listeners import Listener
-from ._notify import NotifyReceiver, notify
-from ._passing import Received, get, put
+from ._notify import NotifyReceiver
+from ._passing_trio import get, put
 from ._paths import HANDOVER_FD_ENV
+from ._sdnotify import notify
 from ._spawn import WorkerProcess, adopt_process, describe_exit, spawn_worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
+    from ._passing import Received
     from ._supervisor import Supervisor
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()

@@ -30,8 +30,9 @@ from ._errors import ListenerError
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from ._config import Address, ListenerConfig
-    from ._systemd import InheritedFd
+    from ._address import Address
+    from ._config import ListenerConfig
+    from ._listen_fds import InheritedFd
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 

@@ -81,17 +81,12 @@ from ._generation import (
     run_generation,
 )
 from ._launchd import LaunchdLibrary, launchd_sockets
+from ._listen_fds import InheritedFd, parse_listen_fds
 from ._listeners import Listener, adopt_inherited, bind_listener
 from ._memory import release_after_startup, release_after_upgrade
 from ._paths import HANDOVER_FD_ENV
 from ._spawn import unreaped_children
-from ._systemd import (
-    InheritedFd,
-    SystemdNotifier,
-    clean_worker_environ,
-    monotonic_usec,
-    parse_listen_fds,
-)
+from ._systemd import SystemdNotifier, clean_worker_environ, monotonic_usec
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence

@@ -27,31 +27,33 @@ Design notes:
 - Predicates (``is_tcp_listener`` and friends) follow sd_is_socket(3): they look at an fd without
   taking ownership, and never change its flags (O_NONBLOCK is shared by every holder of a
   listener, see DESIGN.md "Pitfalls").
+- Imports: standard library only, and what only one path needs is imported on that path
+  (``_passing`` for HANDOFF_FD, ``_launchd`` and its ctypes for launchd, ``ipaddress`` for
+  address matching), so that a worker that only notifies pays a bare interpreter's cost plus
+  little more (bench/worker_import.py; tests/unit/test_worker_wing.py checks what loads).
+  Records are ``NamedTuple``s: ``dataclasses`` loads ``inspect``, which costs more than all the
+  rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import os
 import socket
 import stat
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol, final
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, final
 
-from ._config import parse_address
+from ._address import parse_address
 from ._errors import ListenerError, ProtocolError
-from ._launchd import launchd_sockets
-from ._notify import notify
-from ._passing import get_blocking
-from ._systemd import parse_listen_fds
+from ._listen_fds import parse_listen_fds
+from ._sdnotify import notify
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-    from ._config import Address
+    from ._address import Address
     from ._launchd import LaunchdLibrary
 
 #: How long ``listeners()`` waits for the set on ``HANDOFF_FD``. The supervisor Puts the set
@@ -80,12 +82,11 @@ class _HasFileno(Protocol):
 
 
 @final
-@dataclass
-class _Inherited:
+class _Inherited(NamedTuple):
     """What this process was given, split into listeners and parked fds (raw, owned here)."""
 
-    listeners: list[tuple[str, int]] = field(default_factory=list)
-    parked: list[tuple[str, int]] = field(default_factory=list)
+    listeners: list[tuple[str, int]]
+    parked: list[tuple[str, int]]
 
 
 _inherited: _Inherited | None = None
@@ -131,6 +132,8 @@ def _load(environ: Mapping[str, str]) -> _Inherited:
                 f"HANDOFF_FD={environ['HANDOFF_FD']!r} is not an open socket of this process "
                 f"({exc}); start this program from handoffd, or unset HANDOFF_FD"
             ) from exc
+        from ._passing import get_blocking  # see "Imports" in the module notes
+
         # The channel has done its job once the set is here: close it, so that the supervisor
         # sees end-of-file (the set was taken) and no child inherits it.
         with channel:
@@ -220,6 +223,8 @@ def one_listener(name: str, *, launchd: LaunchdLibrary | None = None) -> socket.
     given = listeners()
     socks = given.get(name, [])
     if not socks:
+        from ._launchd import launchd_sockets  # see "Imports" in the module notes
+
         found = launchd_sockets([name], library=launchd)
         if found:
             # launchd hands a name out once per process: keep them with the others.
@@ -408,6 +413,8 @@ def has_reuseport(fd: int | _HasFileno) -> bool:
 def _inet_matches(sock: socket.socket, addr: str | None, kind: str) -> bool:
     if addr is None:
         return True
+    import ipaddress  # see "Imports" in the module notes
+
     try:
         want = parse_address(addr if kind == "tcp" else f"udp://{addr.removeprefix('udp://')}")
     except ValueError:
