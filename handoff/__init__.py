@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 # mypy --strict takes as a re-export, and tests/unit/test_exports.py fails when the two differ
 # in a name or a module.
 _EXPORTS: dict[str, str] = {
+    "ListenPidMismatchError": "._errors",
     "ListenerError": "._errors",
     "ProtocolError": "._errors",
     "Received": "._passing",
@@ -27,7 +28,6 @@ _EXPORTS: dict[str, str] = {
     "put_blocking": "._passing",
     "get": "._passing_trio",
     "put": "._passing_trio",
-    "ListenPidMismatchError": "._worker",
     "get_listeners": "._worker",
     "has_reuseport": "._worker",
     "is_fifo": "._worker",
@@ -55,13 +55,13 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from ._errors import ListenerError as ListenerError
+    from ._errors import ListenPidMismatchError as ListenPidMismatchError
     from ._errors import ProtocolError as ProtocolError
     from ._passing import Received as Received
     from ._passing import get_blocking as get_blocking
     from ._passing import put_blocking as put_blocking
     from ._passing_trio import get as get
     from ._passing_trio import put as put
-    from ._worker import ListenPidMismatchError as ListenPidMismatchError
     from ._worker import get_listeners as get_listeners
     from ._worker import has_reuseport as has_reuseport
     from ._worker import is_fifo as is_fifo

@@ -46,7 +46,7 @@ import sys
 from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, final
 
 from ._address import parse_address
-from ._errors import ListenerError, ProtocolError
+from ._errors import ListenerError, ListenPidMismatchError, ProtocolError
 from ._listen_fds import parse_listen_fds
 from ._sdnotify import notify
 
@@ -73,10 +73,6 @@ _FDNAME_MAX: Final = 255
 _BACKLOG: Final = socket.SOMAXCONN
 
 
-class ListenPidMismatchError(RuntimeError):
-    """``LISTEN_FDS`` was set for another process (Go's ``ErrPIDMismatch``)."""
-
-
 class _HasFileno(Protocol):
     def fileno(self) -> int: ...
 
@@ -91,8 +87,10 @@ class _Inherited(NamedTuple):
 
 _inherited: _Inherited | None = None
 _listener_socks: dict[str, list[socket.socket]] | None = None
+# Parked fds are handed out once: the ones no caller has taken yet, and the sockets parked()
+# took (returned again on each call, since closing a socket object twice is harmless).
+_parked_pool: dict[str, list[int]] | None = None
 _parked_socks: dict[str, list[socket.socket]] | None = None
-_parked_raw: dict[str, list[int]] | None = None
 
 
 def _socket_for(fd: int) -> socket.socket:
@@ -203,7 +201,12 @@ def listeners(environ: Mapping[str, str] | None = None) -> dict[str, list[socket
 
 
 def get_listeners(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
-    """Another name for ``listeners()``, the one issue 3 and the scm_rights docs use."""
+    """``listeners()`` under the name of the counterpart of ``get()``: the same cached dict.
+
+    The Put/Get design (``fd_delivery = "scm_rights"``) names the worker's side of the handoff
+    ``handoff.get_listeners()``: the supervisor ``put``s the set, the worker gets its listeners.
+    Both names stay; ``listeners()`` is the one the examples use.
+    """
     return listeners(environ)
 
 
@@ -596,18 +599,23 @@ def unpark(name: str) -> bool:
 
 
 def parked_fds(environ: Mapping[str, str] | None = None) -> dict[str, list[int]]:
-    """The raw fds the previous generation parked, by name; the caller owns them.
+    """The raw fds the previous generation parked, by name; the caller owns them and closes them.
 
-    Use this instead of ``parked()`` for fds that are not sockets (pipes, memfds). Call one of
-    the two: both hand out the same fds.
+    Use this instead of ``parked()`` for fds that are not sockets (pipes, memfds). Each parked fd
+    is handed out once, as a socket by ``parked()`` or as a number here: this returns the names
+    ``parked()`` did not take, once. A later call returns ``{}``, since two owners of one fd
+    number would both close it (the second close may hit an unrelated file that reused the
+    number).
+
+    Example::
+
+        for name, fds in handoff.parked_fds().items():
+            state = os.read(fds[0], 4096)   # a memfd of state parked with the connection
     """
-    global _parked_raw
-    if _parked_raw is None:
-        result: dict[str, list[int]] = {}
-        for name, fd in _inherited_now(environ).parked:
-            result.setdefault(name, []).append(fd)
-        _parked_raw = result
-    return _parked_raw
+    global _parked_pool
+    pool = _parked_untaken(environ)
+    _parked_pool = {}
+    return pool
 
 
 def parked(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
@@ -621,13 +629,29 @@ def parked(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.so
 
     Only sockets are returned: a name parked with other kinds of fds too (a memfd of state, a
     pipe) is left to ``parked_fds()``, so that a program that does not know those never breaks.
+    The first call takes those sockets; every call returns the same socket objects (closing one
+    twice is harmless), and ``parked_fds()`` no longer hands out their fds. After
+    ``parked_fds()``, this returns ``{}``.
     """
-    global _parked_socks
+    global _parked_socks, _parked_pool
     if _parked_socks is None:
-        raw = parked_fds(environ)
-        _parked_socks = {
-            name: [_socket_for(fd) for fd in fds]
-            for name, fds in raw.items()
+        pool = _parked_untaken(environ)
+        taken = {
+            name
+            for name, fds in pool.items()
             if all(stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in fds)
         }
+        _parked_socks = {name: [_socket_for(fd) for fd in pool[name]] for name in taken}
+        _parked_pool = {name: fds for name, fds in pool.items() if name not in taken}
     return _parked_socks
+
+
+def _parked_untaken(environ: Mapping[str, str] | None) -> dict[str, list[int]]:
+    """The parked fds neither ``parked()`` nor ``parked_fds()`` has handed out yet."""
+    global _parked_pool
+    if _parked_pool is None:
+        pool: dict[str, list[int]] = {}
+        for name, fd in _inherited_now(environ).parked:
+            pool.setdefault(name, []).append(fd)
+        _parked_pool = pool
+    return _parked_pool
