@@ -38,6 +38,7 @@ def run_python(code: str, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code) + REPORT_HEAVY],
         env={"PATH": os.environ["PATH"], "PYTHONPATH": ROOT, **env},
+        cwd=ROOT,  # `python -c` imports from the working directory first
         pass_fds=pass_fds,
         capture_output=True,
         text=True,
