@@ -12,10 +12,10 @@ Design notes:
 - A message is one UTF-8 JSON object (``v``, ``op``, ``seq``, ``more``, ``names``, and
   ``payload`` on the first chunk only) with the chunk's fds attached as SCM_RIGHTS. The names
   are listed in the order of the fds, so a name/fd count mismatch is detectable per chunk.
-  ``_chunk_problems`` checks a chunk field by field in plain Python, as strictly as the daemon's
-  pydantic models check theirs (``1.0`` is not an int, ``1`` is not a bool, no extra keys), and
-  words its findings as pydantic does (tests/unit/test_passing.py holds the equivalent pydantic
-  model and cross-checks the two).
+  ``_decode_chunk`` checks a chunk in plain Python, as strictly as the daemon's pydantic models
+  check theirs (``1.0`` is not an int, ``1`` is not a bool, no extra keys), and
+  ``_chunk_problems`` words what is wrong as pydantic does (tests/unit/test_passing.py holds the
+  equivalent pydantic model and cross-checks both against it).
 - unix(7): the kernel accepts at most SCM_MAX_FD (253) fds in one message, so ``put`` splits the
   set into chunks of up to 253 and ``get`` reassembles them until ``more`` is false. A chunk whose
   JSON would not fit in ``MAX_MESSAGE_BYTES`` (very long names) is split further.
@@ -31,7 +31,7 @@ Design notes:
   exact form our ``put`` writes is checked by ``_parse_canonical`` (one regex, one ``split``,
   a quote count: it accepts only what ``_decode_chunk`` accepts, with the same result), and
   anything else (the payload chunk, escapes, another sender's spacing) goes through
-  ``json.loads`` and ``_chunk_problems``.
+  ``_decode_chunk`` (``json.loads``, then a few type tests).
 """
 
 from __future__ import annotations
@@ -45,19 +45,16 @@ import select
 import socket
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, cast, final
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, TypeAlias, cast, final
 
 from ._errors import ProtocolError
 from ._sdnotify import SCM_MAX_FD
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping, Sequence
-    from typing import TypeAlias
 
-    #: What ``json.loads`` returns; the payload of a set is a JSON object of these.
-    JsonValue: TypeAlias = (
-        dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
-    )
+#: What ``json.loads`` returns; the payload of a set is a JSON object of these.
+JsonValue: TypeAlias = dict[str, "JsonValue"] | list["JsonValue"] | str | int | float | bool | None
 
 #: Version of the wire format; a peer speaking another one is refused with ProtocolError.
 PROTOCOL_VERSION: Final = 1
