@@ -1,4 +1,4 @@
-"""The config file: pydantic models, ``load_config(path)``, and listener address parsing.
+"""The config file: pydantic models and ``load_config(path)`` (addresses are ``_address``'s).
 
 Design notes:
 - Models are frozen and ``extra="forbid"``: a typo in a key is an error that names the key, never a
@@ -12,7 +12,6 @@ Design notes:
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import tomllib
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._address import Address, parse_address
 from ._errors import ConfigError
 from ._paths import control_socket_for, runtime_dir_for
 from ._paths import find_control_socket as find_control_socket
@@ -30,79 +30,12 @@ from ._validation import render_errors
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-AddressKind = Literal["tcp", "udp", "unix", "unixgram"]
 UnlinkPolicy = Literal["none", "always", "socket-only", "flock"]
 FdDelivery = Literal["listen_fds", "scm_rights"]
 
 # Names travel in LISTEN_FDNAMES, which is ':'-separated and limited to 255 bytes per name
 # (sd_listen_fds_with_names(3)); a name is also used as FDNAME= in the systemd fd store.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
-_HOST_PORT_RE = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z0-9]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$"
-)
-
-
-@final
-@dataclass(frozen=True)
-class Address:
-    """A parsed listener address.
-
-    ``host:port`` and ``[v6]:port`` (optionally ``tcp://``) are TCP; ``udp://host:port`` is UDP;
-    ``unix:/path`` and ``unixgram:/path`` are Unix stream and datagram sockets, where a path
-    starting with ``@`` is in the abstract namespace. Port 0 asks the kernel for a free port.
-    """
-
-    kind: AddressKind
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @property
-    def is_unix(self) -> bool:
-        return self.kind in ("unix", "unixgram")
-
-    @property
-    def is_abstract(self) -> bool:
-        return self.is_unix and self.path.startswith("@")
-
-    def __str__(self) -> str:
-        if self.is_unix:
-            return f"{self.kind}:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        prefix = "udp://" if self.kind == "udp" else ""
-        return f"{prefix}{host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """Parse a listener address; raises ``ValueError`` with the accepted forms on a bad one."""
-    forms = "expected host:port, [v6]:port, tcp://host:port, udp://host:port, unix:/path or unixgram:/path"
-    for prefix, kind in (("unixgram:", "unixgram"), ("unix:", "unix")):
-        if text.startswith(prefix):
-            path = text[len(prefix) :]
-            if not path or not (path.startswith("/") or path.startswith("@")):
-                raise ValueError(
-                    f"a {kind} address needs an absolute path or @abstract name; {forms}"
-                )
-            # sun_path is 108 bytes including the terminating NUL (unix(7)).
-            if len(os.fsencode(path)) > 107:
-                raise ValueError("the socket path is longer than the 107 bytes unix(7) allows")
-            return Address(kind=kind, path=path)  # type: ignore[arg-type]
-    kind_tcp: AddressKind = "tcp"
-    rest = text
-    if text.startswith("tcp://"):
-        rest = text[len("tcp://") :]
-    elif text.startswith("udp://"):
-        kind_tcp, rest = "udp", text[len("udp://") :]
-    m = _HOST_PORT_RE.match(rest)
-    if m is None:
-        raise ValueError(forms)
-    port = int(m["port"])
-    if port > 65535:
-        raise ValueError("the port must be between 0 and 65535")
-    host = m["v6"] if m["v6"] is not None else m["host"]
-    if host in ("", "*"):
-        host = "0.0.0.0"
-    return Address(kind=kind_tcp, host=host, port=port)
 
 
 def parse_signal(text: str) -> signal.Signals:

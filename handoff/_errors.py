@@ -38,6 +38,14 @@ class ListenerError(HandoffError):
     exit_code = EXIT_USAGE
 
 
+class ListenPidMismatchError(ListenerError):
+    """``LISTEN_FDS`` was set for another process (Go's ``ErrPIDMismatch``).
+
+    The fds were meant for the process ``LISTEN_PID`` names, typically a parent that passed its
+    environment on to this child: this process must not adopt (or close) fds 3.. for its own.
+    """
+
+
 class SpawnError(HandoffError):
     """A worker process could not be started, or died before it was ready."""
 

@@ -659,7 +659,7 @@ def _spawn(
 
 
 async def _put_fds(spec: GenerationSpec, parked: ParkedFds, channel: socket.socket) -> None:
-    from ._passing import put
+    from ._passing_trio import put
 
     sock = trio.socket.from_stdlib_socket(channel)
     fdset = spec.listeners + parked.items()

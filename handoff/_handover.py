@@ -87,12 +87,13 @@ from ._errors import (
 )
 from ._generation import AdoptedWorker
 from ._listeners import Listener
-from ._notify import NotifyReceiver, notify
-from ._passing import Received, get, put
+from ._notify import NotifyReceiver
+from ._passing_trio import get, put
 from ._paths import HANDOVER_FD_ENV
 from ._phases import WorkerState  # noqa: TC001  pydantic resolves it at run time
 from ._pidfile import restore_pid_file
 from ._processes import kill_and_reap
+from ._sdnotify import notify
 from ._spawn import DEFAULT_SPAWNER, describe_exit
 from ._systemd import SystemdNotifier
 from ._validation import render_errors
@@ -101,6 +102,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from ._generation import Generation
+    from ._passing import Received
     from ._processes import ProcessHandle
     from ._tickets import UpgradeQueue, UpgradeTicket
 

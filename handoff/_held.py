@@ -27,8 +27,8 @@ import trio
 
 from ._errors import ListenerError
 from ._launchd import launchd_sockets
+from ._listen_fds import InheritedFd, parse_listen_fds
 from ._listeners import Listener, adopt_inherited, bind_listener
-from ._systemd import InheritedFd, parse_listen_fds
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence

@@ -44,8 +44,9 @@ from ._match import KIND_TYPES, address_matches
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
-    from ._config import Address, ListenerConfig
-    from ._systemd import InheritedFd
+    from ._address import Address
+    from ._config import ListenerConfig
+    from ._listen_fds import InheritedFd
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 

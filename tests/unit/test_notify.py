@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from handoff._notify import notify, notify_address, parse_notify
-from handoff._systemd import InheritedFd, clean_worker_environ, parse_listen_fds
+from handoff._listen_fds import InheritedFd, parse_listen_fds
+from handoff._notify import parse_notify
+from handoff._sdnotify import notify, notify_address
+from handoff._systemd import clean_worker_environ
 
 
 def test_parse_notify_reads_assignments_and_ignores_junk() -> None:

@@ -12,8 +12,8 @@ import handoff
 from handoff._config import ListenerConfig
 from handoff._fdname import valid_fdname
 from handoff._generation import ParkedFds
+from handoff._listen_fds import InheritedFd
 from handoff._listeners import adopt_inherited
-from handoff._systemd import InheritedFd
 
 NAMES = ["a b", "client-42", "a:b", "", "x" * 255, "x" * 256, "caf\u00e9", "tab\there", "~!"]
 
