@@ -13,6 +13,9 @@ EXIT_OK: Final = 0
 EXIT_UPGRADE_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
+#: ``handoffd status``: the daemon answers, but its current generation is not serving (a crash
+#: loop, a worker in backoff or still starting, or a worker tree holding no listener).
+EXIT_NOT_SERVING: Final = 4
 
 
 class HandoffError(Exception):

@@ -9,6 +9,7 @@ forgets a draining one once its last process has gone.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,8 @@ import structlog
 import trio
 
 from ._generation import Generation, GenerationSpec, run_adopted_generation, run_generation
+from ._observe import listener_keys
+from ._readiness import probe_proc
 from ._systemd import clean_worker_environ
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from ._handover import AdoptedGeneration
     from ._listeners import Listener
     from ._processes import Spawner
+    from ._readiness import ReadinessProbe
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -44,11 +48,13 @@ class GenerationSet:
         environ: Mapping[str, str],
         spawner: Spawner,
         on_drained: Callable[[], None],
+        probe: ReadinessProbe = probe_proc,
     ) -> None:
         self.parked = parked
         self.notify_dir = notify_dir
         self.environ = _worker_environ(environ)
         self.spawner = spawner
+        self.probe = probe
         self.current: Generation | None = None
         self.draining: list[Generation] = []
         # The generation being started (1, or N+1 of an upgrade): a stop aborts it gracefully.
@@ -91,6 +97,19 @@ class GenerationSet:
             self.starting = None
         nursery.start_soon(self._forget_when_stopped, gen)
         return gen
+
+    def discard(self, gen: Generation) -> None:
+        """Stop a generation that started but will not serve (its hold failed): it drains."""
+        if gen is not self.current and gen not in self.draining:
+            self.draining.append(gen)
+        gen.request_drain()
+
+    def generation_of_group(self, pgid: int | None) -> int | None:
+        """The generation whose worker leads process group ``pgid`` (orphan attribution)."""
+        for gen in self.all():
+            if pgid is not None and gen.owns_group(pgid):
+                return gen.number
+        return None
 
     def promote(self, gen: Generation) -> Generation | None:
         """Make ``gen`` current; the previous current one drains. Returns that one."""
@@ -149,9 +168,9 @@ class GenerationSet:
     def kill_all(self) -> None:
         """SIGKILL every worker of every generation (a second stop signal: stop *now*)."""
         for gen in self.all():
-            for slot in gen.slots:
-                if slot.process is not None:
-                    slot.process.kill()
+            for proc in gen.spawned:
+                proc.signal_group(signal.SIGKILL)
+                proc.kill()
 
     async def _forget_when_stopped(self, gen: Generation) -> None:
         await gen.stopped.wait()
@@ -183,6 +202,8 @@ class GenerationSet:
             backoff_max=supervisor.restart_backoff_max,
             compat_environ=compat,
             spawner=self.spawner,
+            listener_keys=listener_keys({name: li.sock for name, li in fdset}),
+            probe=self.probe,
         )
 
 

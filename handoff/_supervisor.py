@@ -4,6 +4,11 @@ One upgrade at a time walks the phase table of ``_phases``::
 
     running -> spawning -> waiting_ready -> holding -> running     (N+1 current, N drains)
     any failure before the hold ends -> running                    (N+1 stopped, N serves)
+
+The hold (``program.hold`` seconds, the canary): N+1 is ready and both generations serve; if a
+worker of N+1 exits or its tree stops holding (or, through epoll, waiting on) the listeners,
+N+1 is stopped like a failed start and the upgrade fails with that reason. A stop cuts the hold
+short the same way. The upgrade's duration includes the hold.
     running -> self-upgrading -> handed-over | running             (see ``_handover``)
 
 The supervisor decides; effects report back: ``_generation_set`` starts a generation (raising
@@ -33,13 +38,14 @@ from structlog.contextvars import bound_contextvars
 
 from ._config import load_config, resolve_runtime_dir
 from ._control import ControlHandler, UpgradeRequest
-from ._errors import HandoffError, SpawnError
+from ._errors import HandoffError, SpawnError, UpgradeError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
 from ._memory import release_after_upgrade
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
+from ._readiness import probe_proc
 from ._spawn import DEFAULT_SPAWNER
 from ._status import status_info, status_text
 from ._systemd import SystemdNotifier, monotonic_usec
@@ -56,6 +62,7 @@ if TYPE_CHECKING:
     from ._held import ListenerPlan
     from ._listeners import Listener
     from ._processes import Spawner
+    from ._readiness import ReadinessProbe
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -69,7 +76,11 @@ class Supervisor(ControlHandler):
     """The running daemon's state; see the module docstring for the state machine."""
 
     def __init__(
-        self, loaded: LoadedConfig, environ: Mapping[str, str], spawner: Spawner = DEFAULT_SPAWNER
+        self,
+        loaded: LoadedConfig,
+        environ: Mapping[str, str],
+        spawner: Spawner = DEFAULT_SPAWNER,
+        probe: ReadinessProbe = probe_proc,
     ) -> None:
         self.loaded = loaded
         self.environ = dict(environ)
@@ -84,7 +95,10 @@ class Supervisor(ControlHandler):
             environ=environ,
             spawner=spawner,
             on_drained=lambda: self.systemd.status(self.status_text()),
+            probe=probe,
         )
+        # The generation in its canary hold, if any (a stop cuts the hold short).
+        self.holding: Generation | None = None
         self.machine = PhaseMachine()
         self.queue = UpgradeQueue()
         self.last_upgrade: UpgradeReply | None = None
@@ -142,6 +156,8 @@ class Supervisor(ControlHandler):
         self.stop_requested.set()
         if self.gens.starting is not None:
             self.gens.starting.abort("handoffd is stopping")
+        if self.holding is not None:
+            self.holding.lose_hold("handoffd is stopping")
 
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind; a stopping or handed-over
@@ -248,6 +264,7 @@ class Supervisor(ControlHandler):
         """One worker upgrade; never raises for a failure of the new generation."""
         old = self.current
         plan: ListenerPlan | None = None
+        gen: Generation | None = None
         self.machine.to("spawning", generation=self.gens.next_number)
         self.systemd.reloading(monotonic_usec())
         with bound_contextvars(upgrade_generation=self.gens.next_number):
@@ -261,6 +278,9 @@ class Supervisor(ControlHandler):
                 gen = await self._start_generation(loaded, plan.wanted)
                 ticket.phase("ready", f"generation {gen.number} pids {gen.pids()}")
                 self.machine.to("holding", generation=gen.number)
+                lost = await self._hold(ticket, gen, loaded.config.program.hold)
+                if lost is not None:
+                    raise UpgradeError(lost)
             except HandoffError as exc:
                 reason: str | None = str(exc)
             except Exception as exc:  # the upgrade boundary: N keeps serving whatever happened
@@ -268,7 +288,9 @@ class Supervisor(ControlHandler):
                 reason = f"internal error: {exc!r}"
             else:
                 reason = None
-            if reason is not None or plan is None:
+            if reason is not None or plan is None or gen is None:
+                if gen is not None:
+                    await self._stop_failed(ticket, gen)
                 if plan is not None:
                     self.held.roll_back(plan)
                 reply = ticket.failed(reason or "no listener plan", self.gens.number())
@@ -278,6 +300,30 @@ class Supervisor(ControlHandler):
             self._record_upgrade(reply)
             self.systemd.ready(self.status_text())
         return reply
+
+    async def _hold(self, ticket: UpgradeTicket, gen: Generation, seconds: float) -> str | None:
+        """Both generations serve for ``seconds``; the reason N+1 failed meanwhile, or None."""
+        if seconds <= 0:
+            return None
+        ticket.phase("holding", f"{seconds:.1f}s")
+        self.holding = gen
+        gen.begin_hold(seconds)
+        if self.stop_requested.is_set():
+            gen.lose_hold("handoffd is stopping")
+        try:
+            with trio.move_on_after(seconds):
+                await gen.hold_lost.wait()
+        finally:
+            gen.end_hold()
+            self.holding = None
+        return gen.hold_failure
+
+    async def _stop_failed(self, ticket: UpgradeTicket, gen: Generation) -> None:
+        """N+1 started but will not serve: drain it like a failed start, N keeps serving."""
+        ticket.phase("stopping", f"generation {gen.number}")
+        self.gens.discard(gen)
+        with trio.move_on_after(gen.spec.program.drain_timeout + REAP_TIMEOUT_S):
+            await gen.stopped.wait()
 
     def _promote(
         self, ticket: UpgradeTicket, loaded: LoadedConfig, plan: ListenerPlan, gen: Generation
@@ -369,7 +415,7 @@ class Supervisor(ControlHandler):
         program = loaded.config.program
         # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
         fdset = [(lc.name, listeners[lc.name]) for lc in loaded.config.listener]
-        ready_for = program.ready_timeout + SYSTEMD_SLACK_S
+        ready_for = program.ready_timeout + program.hold + SYSTEMD_SLACK_S
         self.systemd.send(f"EXTEND_TIMEOUT_USEC={int(ready_for * 1e6)}")
         return await self.gens.start(
             self._root, program, loaded.config.supervisor, fdset, self._created
