@@ -13,7 +13,7 @@ The trees and their RSS are read from ``/proc`` on each request (a status is rar
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from ._control import GenerationInfo, ListenerInfo, StatusInfo, WorkerInfo
 from ._observe import walk_tree
@@ -103,6 +103,13 @@ def status_info(
     )
 
 
+_STATE_WORDS: Final = {
+    "backoff": "waiting to restart",
+    "starting": "still starting",
+    "exited": "not running",
+}
+
+
 def serving_now(current: Generation | None) -> tuple[bool, str | None]:
     """Whether the current generation serves, and why not (see the module docstring)."""
     if current is None:
@@ -111,8 +118,8 @@ def serving_now(current: Generation | None) -> tuple[bool, str | None]:
         what = f"worker {slot.index} of generation {current.number}"
         if slot.state != "ready" or slot.process is None or slot.process.returncode is not None:
             after = f" after it {slot.last_exit}" if slot.last_exit else ""
-            restarts = f", {slot.restarts} restarts" if slot.restarts else ""
-            return False, f"{what} is {slot.state}{after}{restarts}"
+            restarts = f" (restarted {slot.restarts} times)" if slot.restarts else ""
+            return False, f"{what} is {_STATE_WORDS.get(slot.state, slot.state)}{after}{restarts}"
     if current.spec.program.observed:
         for slot in current.slots:
             if slot.accepting and slot.fallback is None:
