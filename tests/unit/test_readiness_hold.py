@@ -6,49 +6,20 @@ generation's ``ReadinessProbe`` seam); everything above it is the production sta
 
 from __future__ import annotations
 
-import shutil
 import signal
-import tempfile
-from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from handoff._config import load_config
 from handoff._control import UpgradeEvent, UpgradeReply, UpgradeRequest
-from handoff._held import open_listeners
 from handoff._readiness import STABLE_FOR
 from handoff._supervisor import Supervisor
 from tests.daemon import write_config
 from tests.fakes import FakeProcess, FakeSpawner
-
-
-@pytest.fixture
-def base():
-    path = Path(tempfile.mkdtemp(prefix="hrdy", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def start(nursery: trio.Nursery, base: Path, spawner: FakeSpawner, **config) -> Supervisor:
-    """A supervisor serving generation 1 of fake workers, probed through the fakes."""
-    cfg = base / "handoffd.toml"
-    write_config(cfg, base / "run", command=["fake-worker"], **config)
-    loaded = load_config(cfg)
-    sup = Supervisor(loaded, {}, spawner, probe=spawner.probe)
-    sup.notify_dir.mkdir(parents=True)
-    sup.held.adopt(open_listeners(loaded, {}))
-
-    async def run(task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await sup.run(task_status=task_status)
-        finally:
-            sup.held.close_all()
-
-    await nursery.start(run)
-    return sup
+from tests.unit.test_supervisor import base as base
+from tests.unit.test_supervisor import start
 
 
 async def upgrade(
@@ -165,32 +136,32 @@ async def test_auto_readiness_waits_for_accepting_without_notify(autojump_clock,
         sup.stop()
 
 
-async def test_auto_readiness_does_not_trust_an_early_ready_alone(autojump_clock, base):
+def gunicorn_like(proc: FakeProcess, later_do) -> None:
+    proc.notify("READY=1")  # the arbiter says ready before its workers accept
+    later_do(1.5, lambda: setattr(proc, "accepting", True))
+
+
+def accepts_then_notifies(proc: FakeProcess, later_do) -> None:
+    proc.notify("STATUS=loading")  # it speaks sd_notify, so READY=1 is required too
+    proc.accepting = True
+    later_do(3.0, lambda: proc.notify("READY=1"))
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "ready_after"), [(gunicorn_like, 1.5 + STABLE_FOR), (accepts_then_notifies, 3.0)]
+)
+async def test_auto_needs_accepting_and_ready_from_a_program_that_speaks_sd_notify(
+    autojump_clock, base, behaviour, ready_after
+):
     async with trio.open_nursery() as nursery:
 
-        def gunicorn_like(proc: FakeProcess) -> None:
-            proc.notify("READY=1")  # the arbiter says ready before its workers accept
-            nursery.start_soon(later, 1.5, lambda: setattr(proc, "accepting", True))
+        def later_do(seconds: float, action) -> None:
+            nursery.start_soon(later, seconds, action)
 
-        spawner = FakeSpawner(behaviour=gunicorn_like)
+        spawner = FakeSpawner(behaviour=lambda proc: behaviour(proc, later_do))
         t0 = trio.current_time()
         await start(nursery, base, spawner, ready="auto", hold=0)
-        assert trio.current_time() - t0 >= 1.5
-        nursery.cancel_scope.cancel()
-
-
-async def test_auto_requires_ready_from_a_program_that_speaks_sd_notify(autojump_clock, base):
-    async with trio.open_nursery() as nursery:
-
-        def accepts_then_notifies(proc: FakeProcess) -> None:
-            proc.notify("STATUS=loading")
-            proc.accepting = True
-            nursery.start_soon(later, 3.0, lambda: proc.notify("READY=1"))
-
-        spawner = FakeSpawner(behaviour=accepts_then_notifies)
-        t0 = trio.current_time()
-        await start(nursery, base, spawner, ready="auto", hold=0)
-        assert trio.current_time() - t0 >= 3.0
+        assert ready_after <= trio.current_time() - t0 < ready_after + 0.1
         nursery.cancel_scope.cancel()
 
 
