@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._errors import ConfigError
 from ._paths import control_socket_for, runtime_dir_for
 from ._paths import find_control_socket as find_control_socket
+from ._validation import render_errors
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -315,13 +316,6 @@ class LoadedConfig:
     config: Config
 
 
-def _render_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def load_config(path: Path | str) -> LoadedConfig:
     """Read and validate a config file.
 
@@ -340,13 +334,8 @@ def load_config(path: Path | str) -> LoadedConfig:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_url=False):
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            got_text = "" if err["type"] == "missing" else f" (got {got!r})"
-            lines.append(f"config {path}: {_render_loc(err['loc'])}: {msg}{got_text}")
-        raise ConfigError("\n".join(lines)) from exc
+        lines = render_errors(exc, inputs=True)
+        raise ConfigError("\n".join(f"config {path}: {line}" for line in lines)) from exc
     return LoadedConfig(path=path, config=_resolve_paths(config, path.parent))
 
 

@@ -27,12 +27,14 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import _client
+from ._phases import Phase, WorkerState  # noqa: TC001  pydantic resolves them at run time
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from collections.abc import Set as AbstractSet
     from pathlib import Path
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 PROTOCOL_VERSION: Final = 1
 # Requests are tiny; a line longer than this is a client bug or an attack, not a request.
@@ -68,7 +70,7 @@ class WorkerInfo(_Wire):
     generation: int
     index: int
     pid: int | None
-    state: str
+    state: WorkerState
     status: str | None = None
     restarts: int = 0
     last_exit: str | None = None
@@ -123,7 +125,7 @@ class StatusInfo(_Wire):
     pid: int
     version: str
     config: str
-    state: str
+    state: Phase
     generation: int
     workers: list[WorkerInfo]
     listeners: list[ListenerInfo]
@@ -209,7 +211,7 @@ _ACCEPT_BACKOFF_S: Final = 0.1
 async def serve_control(
     listener: socket.socket,
     handler: ControlHandler,
-    allowed_uids: frozenset[int],
+    allowed_uids: AbstractSet[int],
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -235,7 +237,7 @@ async def serve_control(
 
 
 async def _serve_connection(
-    conn: trio.socket.SocketType, handler: ControlHandler, allowed_uids: frozenset[int]
+    conn: trio.socket.SocketType, handler: ControlHandler, allowed_uids: AbstractSet[int]
 ) -> None:
     stream = trio.SocketStream(conn)
     async with stream:
@@ -248,7 +250,7 @@ async def _converse(
     conn: trio.socket.SocketType,
     stream: trio.SocketStream,
     handler: ControlHandler,
-    allowed_uids: frozenset[int],
+    allowed_uids: AbstractSet[int],
 ) -> None:
     uid = peer_uid(conn)
     if uid not in allowed_uids:

@@ -48,17 +48,18 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import ProtocolError, SpawnError
+from ._fdname import valid_fdname
+from ._listeners import restore_flags
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._processes import REAP_TIMEOUT_S, kill_and_reap
 from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
@@ -70,21 +71,26 @@ if TYPE_CHECKING:
 
     from ._config import ProgramConfig
     from ._observe import ListenerKey, Verdict
+    from ._phases import WorkerState
     from ._processes import ProcessHandle, Spawner
     from ._readiness import ReadinessProbe
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
-WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
 
 _spawn_sequence = itertools.count(1)
 # The longest STATUS= text kept per worker (one line for `handoffd status`).
 _STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
 PARKED_MAX: Final = 4096
-# sd_pid_notify_with_fds(3): FDNAME= is at most 255 printable characters, and ':' would break
-# LISTEN_FDNAMES for every worker that receives the fd.
-_FDNAME_RE: Final = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
+# Every parked fd is passed to every later worker, at fds 3.. under the worker's own soft
+# RLIMIT_NOFILE: keep room below it for the listeners and the worker's own fds.
+PARKED_FD_HEADROOM: Final = 128
+# The parked fds' names (each + 1 for the ':') must fit, with the listeners' names, in one
+# LISTEN_FDNAMES string (execve(2): MAX_ARG_STRLEN, 128 KiB, per string; argv + environ within
+# ARG_MAX, a quarter of the stack limit: 2 MiB at the common 8 MiB), and, with the rest of the
+# state, in a self-upgrade's 128 KiB state message. 64 KiB leaves room for all three.
+PARKED_NAME_BYTES: Final = 64 * 1024
 
 
 @final
@@ -95,34 +101,48 @@ class ParkedFds:
     (``FDSTOREREMOVE=1``). Every worker started later receives them after the listeners.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker_fd_limit: int | None = None) -> None:
+        """``worker_fd_limit``: the soft RLIMIT_NOFILE workers start with (see ``_limits``)."""
         self._items: list[tuple[str, int]] = []
+        self.max_fds = PARKED_MAX
+        if worker_fd_limit is not None:
+            self.max_fds = max(0, min(PARKED_MAX, worker_fd_limit - PARKED_FD_HEADROOM))
+        self._name_bytes = 0
 
     def park(self, name: str, fd: int) -> None:
         self._items.append((name, fd))
+        self._name_bytes += len(name) + 1
         log.info("fd.parked", fdname=name, fd=fd, parked=len(self._items))
 
     def park_all(self, name: str, fds: Sequence[int]) -> bool:
         """Park ``fds`` under ``name`` if the name is valid and there is room; else refuse.
 
-        Names travel in LISTEN_FDNAMES (':'-separated) to every later worker, and the store is
-        bounded as systemd bounds its own (FileDescriptorStoreMax=): a worker that parks on
-        every crash-looping start must not exhaust the supervisor's fds. Returns whether the
-        fds were kept (the caller closes them otherwise).
+        Every parked fd and its name go to every later worker, so the store is bounded by what
+        every later spawn and a self-upgrade can carry (see ``PARKED_FD_HEADROOM`` and
+        ``PARKED_NAME_BYTES``), as systemd bounds its own (FileDescriptorStoreMax=): a refused
+        FDSTORE is logged; a stored one never breaks the next spawn. Returns whether the fds
+        were kept (the caller closes them otherwise).
         """
-        if not _FDNAME_RE.match(name):
+        invalid = valid_fdname(name)
+        problem = None if invalid is None else f"FDNAME {invalid}"
+        if problem is None and len(self._items) + len(fds) > self.max_fds:
+            problem = (
+                f"more than {self.max_fds} parked fds (every later worker gets them at fds "
+                "3.., below its fd limit)"
+            )
+        if problem is None and self._name_bytes + (len(name) + 1) * len(fds) > PARKED_NAME_BYTES:
+            problem = (
+                f"the parked fds' names would exceed {PARKED_NAME_BYTES} bytes (they travel "
+                "in every later worker's LISTEN_FDNAMES and in a self-upgrade's state)"
+            )
+        if problem is not None:
             log.warning(
                 "fd.park_refused",
                 fdname=name[:64],
-                reason="FDNAME must be 1-255 printable characters without ':'",
-            )
-            return False
-        if len(self._items) + len(fds) > PARKED_MAX:
-            log.warning(
-                "fd.park_refused",
-                fdname=name,
-                reason=f"more than {PARKED_MAX} parked fds; "
-                "unpark (FDSTOREREMOVE=1) what the next generation no longer needs",
+                fds=len(fds),
+                parked=len(self._items),
+                reason=f"{problem}; unpark (FDSTOREREMOVE=1) what the next generation no "
+                "longer needs, or use shorter names",
             )
             return False
         for fd in fds:
@@ -132,6 +152,7 @@ class ParkedFds:
     def unpark(self, name: str) -> None:
         gone = [fd for n, fd in self._items if n == name]
         self._items = [(n, fd) for n, fd in self._items if n != name]
+        self._name_bytes -= (len(name) + 1) * len(gone)
         close_fds(gone)
         log.info("fd.unparked", fdname=name, closed=len(gone))
 
@@ -141,10 +162,12 @@ class ParkedFds:
     def restore(self, items: Sequence[tuple[str, int]]) -> None:
         """Take over fds parked under a previous supervisor (a self-upgrade); we own them now."""
         self._items.extend(items)
+        self._name_bytes += sum(len(name) + 1 for name, _ in items)
 
     def close_all(self) -> None:
         close_fds([fd for _, fd in self._items])
         self._items = []
+        self._name_bytes = 0
 
 
 @final
@@ -726,6 +749,7 @@ def _spawn(
     env["HANDOFF_GENERATION"] = str(spec.number)
     env["HANDOFF_WORKER"] = str(slot.index)
     fdset = spec.listeners + parked.items()
+    restore_flags(fd for _, fd in spec.listeners)
     if program.fd_delivery == "listen_fds":
         env["LISTEN_FDS"] = str(len(fdset))
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)

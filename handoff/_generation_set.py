@@ -19,8 +19,10 @@ import structlog
 import trio
 
 from ._generation import Generation, GenerationSpec, run_adopted_generation, run_generation
+from ._limits import WORKER_NOFILE_ENV, current_soft_limit
 from ._observe import listener_keys
 from ._readiness import probe_proc
+from ._spawn import NOFILE_ENV
 from ._systemd import clean_worker_environ
 
 if TYPE_CHECKING:
@@ -218,8 +220,12 @@ def _starter_address(listener: Listener) -> str:
 
 
 def _worker_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """Our environment as workers get it: systemd's variables removed, the venv on PATH."""
+    """Our environment as workers get it: systemd's variables removed, the fd limit handoffd
+    was started with (see ``_limits``), the venv on PATH."""
     result = clean_worker_environ(environ)
+    nofile = result.pop(WORKER_NOFILE_ENV, None)
+    if nofile is not None and nofile != str(current_soft_limit()):
+        result[NOFILE_ENV] = nofile
     if sys.prefix != sys.base_prefix:
         # Run from a virtualenv: let workers find its interpreter and scripts as if the venv
         # were activated, so `command = ["python", ...]` means this venv's python.

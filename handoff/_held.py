@@ -18,7 +18,6 @@ Design notes:
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, final
@@ -31,7 +30,7 @@ from ._listeners import Listener, adopt_inherited, bind_listener
 from ._systemd import InheritedFd, parse_listen_fds
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     import trio
 
@@ -161,12 +160,7 @@ class HeldListeners:
                 self.systemd.remove_fd(listener.name, listener.fd)
                 self.systemd.store_fd(config.name, listener.fd)
                 log.info("listener.renamed", listener=config.name, was=listener.name)
-            if (
-                listener.config.backlog != config.backlog
-                and listener.sock.type == socket.SOCK_STREAM
-            ):
-                listener.sock.listen(config.backlog)
-            listener.config = config
+            listener.apply(config)
         self.by_name = dict(plan.wanted)
         for li in plan.fresh:
             self.systemd.store_fd(li.name, li.fd)
@@ -183,9 +177,12 @@ class HeldListeners:
             self.retired.discard(li.name)
             li.close()
 
-    async def forget_retired(self, names: Iterable[str], users: Sequence[Generation]) -> None:
+    async def forget_retired(self, users: Sequence[Generation]) -> None:
         """Listeners retired under the previous supervisor (we have no fd): drop them from
         systemd's fd store once the generations that used them have stopped."""
+        names = sorted(self.retired)
+        if not names:
+            return
         for gen in users:
             await gen.stopped.wait()
         for name in names:
@@ -194,9 +191,11 @@ class HeldListeners:
                 self.systemd.remove_fd(name)
                 self.retired.discard(name)
 
-    def close_all(self) -> None:
+    def close_all(self, *, unlink: bool) -> None:
+        """Close every held listener; ``unlink``: remove the socket files we bound (not after a
+        handover: the successor serves on them)."""
         for li in self.by_name.values():
-            li.close()
+            li.close(unlink=unlink)
 
 
 def open_listeners(

@@ -25,7 +25,7 @@ import trio
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # A notify datagram is small; systemd itself reads at most PIPE_BUF-ish lines. 64 KiB is far more
 # than any sane message and bounds what a misbehaving worker can make us buffer.

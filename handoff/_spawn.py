@@ -45,10 +45,13 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # sh(1) exec shim: export LISTEN_PID as the shell's own pid, then become the worker.
 _SHIM: Final = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+#: Set in a worker's environment, the shim lowers its soft RLIMIT_NOFILE to this (see _limits).
+NOFILE_ENV: Final = "HANDOFF_NOFILE"
+_NOFILE_SHIM: Final = f'ulimit -S -n "${NOFILE_ENV}" || exit 126; unset {NOFILE_ENV}; '
 _SHELL: Final = "/bin/sh"
 # Signals Python leaves as SIG_IGN, which exec would otherwise pass on to the worker.
 _RESET_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -308,10 +311,13 @@ def spawn_worker(
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
         actions += [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(staged)]
-        if set_listen_pid or cwd is not None:
-            # posix_spawn has no portable chdir action: the shim changes directory itself.
-            script = ('cd "$1" || exit 126; shift; ' if cwd is not None else "") + (
-                _SHIM if set_listen_pid else 'exec "$@"'
+        nofile = NOFILE_ENV in environ
+        if set_listen_pid or cwd is not None or nofile:
+            # posix_spawn has no portable chdir or setrlimit action: the shim does them itself.
+            script = (
+                ('cd "$1" || exit 126; shift; ' if cwd is not None else "")
+                + (_NOFILE_SHIM if nofile else "")
+                + (_SHIM if set_listen_pid else 'exec "$@"')
             )
             argv = [_SHELL, "-c", script, "handoffd-worker"]
             argv += [str(cwd)] if cwd is not None else []

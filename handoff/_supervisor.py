@@ -29,6 +29,7 @@ Design notes:
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import TYPE_CHECKING, Final, final
 
@@ -42,10 +43,12 @@ from ._errors import HandoffError, SpawnError, UpgradeError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
+from ._limits import worker_fd_limit
 from ._memory import release_after_upgrade
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
 from ._readiness import probe_proc
+from ._reconfigure import apply_changes, refuse_unappliable
 from ._spawn import DEFAULT_SPAWNER
 from ._status import status_info, status_text
 from ._systemd import SystemdNotifier, monotonic_usec
@@ -88,7 +91,7 @@ class Supervisor(ControlHandler):
         self.runtime_dir = resolve_runtime_dir(loaded.config.supervisor, environ)
         self.notify_dir = self.runtime_dir / "notify"
         self.held = HeldListeners(self.systemd)
-        self.parked = ParkedFds()
+        self.parked = ParkedFds(worker_fd_limit(environ))
         self.gens = GenerationSet(
             parked=self.parked,
             notify_dir=self.notify_dir,
@@ -108,6 +111,8 @@ class Supervisor(ControlHandler):
         self.upgrade_done: trio.Event | None = None
         self.stop_requested = trio.Event()
         self.control_path: Path | None = None
+        # Who may use the control socket (the server reads it per connection).
+        self.allowed_uids = {0, os.getuid(), *loaded.config.supervisor.allowed_uids}
         self.control_inode: int | None = None
         self._root: trio.Nursery | None = None
 
@@ -120,12 +125,6 @@ class Supervisor(ControlHandler):
     def generations(self) -> list[Generation]:
         """The live generations: the current one first, then those still draining."""
         return self.gens.all()
-
-    def stop_grace(self) -> float:
-        """How long a stop waits for an upgrade in progress: its drain, or its handover."""
-        program = self.loaded.config.program
-        sup = self.loaded.config.supervisor
-        return max(program.drain_timeout, sup.self_upgrade_timeout) + SYSTEMD_SLACK_S
 
     def status_text(self) -> str:
         return status_text(self.machine.phase, self.current, self.gens.draining, self.last_upgrade)
@@ -162,15 +161,8 @@ class Supervisor(ControlHandler):
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind; a stopping or handed-over
         supervisor answers at once."""
-        refusal: str | None = None
-        if self.successor_pid is not None:
-            refusal = (
-                f"this handoffd handed over to pid {self.successor_pid}; send the request again "
-                "(it reaches the new supervisor on the same control socket)"
-            )
-        elif self.stop_requested.is_set():
-            refusal = "handoffd is stopping"
-        return self.queue.request(request, refusal, self.gens.number())
+        stopping = self.stop_requested.is_set()
+        return self.queue.request(request, self.gens.number(), stopping, self.successor_pid)
 
     async def upgrade(
         self, request: UpgradeRequest, on_event: Callable[[UpgradeEvent], Awaitable[None]]
@@ -208,8 +200,10 @@ class Supervisor(ControlHandler):
                 # An upgrade in progress ends first: stop() aborted its new generation, which
                 # is drained gracefully (cancelling it would SIGKILL workers that may hold
                 # connections). A self-upgrade may still complete.
+                program, supervisor = self.loaded.config.program, self.loaded.config.supervisor
+                grace = max(program.drain_timeout, supervisor.self_upgrade_timeout)
                 if self.upgrade_done is not None:
-                    with trio.move_on_after(self.stop_grace()):
+                    with trio.move_on_after(grace + SYSTEMD_SLACK_S):
                         await self.upgrade_done.wait()
                 upgrades.cancel_scope.cancel()
             self.queue.fail_all("handoffd is stopping", self.gens.number())
@@ -271,6 +265,7 @@ class Supervisor(ControlHandler):
             log.info("upgrade.started", from_generation=old.number if old else None)
             try:
                 loaded = load_config(self.loaded.path)
+                refuse_unappliable(self.loaded.config.supervisor, loaded)
                 ticket.phase("config_loaded", str(loaded.path))
                 plan = self.held.plan(loaded)
                 processes = loaded.config.program.processes
@@ -297,7 +292,8 @@ class Supervisor(ControlHandler):
             else:
                 reply = self._promote(ticket, loaded, plan, gen)
             self.machine.to("running")
-            self._record_upgrade(reply)
+            self.last_upgrade = reply
+            log_finished(reply)
             self.systemd.ready(self.status_text())
         return reply
 
@@ -328,7 +324,14 @@ class Supervisor(ControlHandler):
     def _promote(
         self, ticket: UpgradeTicket, loaded: LoadedConfig, plan: ListenerPlan, gen: Generation
     ) -> UpgradeReply:
-        """N+1 serves: make it current, drain N, commit the listener plan."""
+        """N+1 serves: make it current, drain N, commit the listener plan and [supervisor]."""
+        apply_changes(
+            self.loaded.config.supervisor,
+            loaded.config.supervisor,
+            allowed_uids=self.allowed_uids,
+            control_path=self.control_path,
+            runtime_dir=self.runtime_dir,
+        )
         self.loaded = loaded
         old = self.gens.promote(gen)
         if old is not None:
@@ -339,8 +342,7 @@ class Supervisor(ControlHandler):
         return ticket.ok(gen.number, old.number if old else None)
 
     async def _upgrade_supervisor(self, ticket: UpgradeTicket) -> UpgradeReply:
-        """One self-upgrade (see ``_handover``); never raises for a failure of the new one."""
-        # Imported on use: the handover's models cost ~1.5 MB the daemon need not carry.
+        """One self-upgrade (``_handover``, imported on use: ~1.5 MB); never raises for its failure."""
         from ._handover import hand_over
 
         gens = self.generations()
@@ -370,13 +372,9 @@ class Supervisor(ControlHandler):
             reply = outcome.reply
         else:
             reply = ticket.failed(outcome.reason or "not handed over", self.gens.number())
-        self._record_upgrade(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
-        return reply
-
-    def _record_upgrade(self, reply: UpgradeReply, **extra: object) -> None:
-        """Keep the outcome for ``status`` and write the one canonical line per upgrade."""
         self.last_upgrade = reply
-        log_finished(reply, **extra)
+        log_finished(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
+        return reply
 
     def _view(self) -> SupervisorView:
         from ._handover import SupervisorView
@@ -412,13 +410,13 @@ class Supervisor(ControlHandler):
     ) -> Generation:
         """Spawn the next generation and return it once ready; raises ``SpawnError`` if not."""
         assert self._root is not None
-        program = loaded.config.program
+        config = loaded.config
+        program = config.program
+        self.systemd.extend_timeout(program.ready_timeout + program.hold + SYSTEMD_SLACK_S)
         # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
-        fdset = [(lc.name, listeners[lc.name]) for lc in loaded.config.listener]
-        ready_for = program.ready_timeout + program.hold + SYSTEMD_SLACK_S
-        self.systemd.send(f"EXTEND_TIMEOUT_USEC={int(ready_for * 1e6)}")
+        fdset = [(lc.name, listeners[lc.name]) for lc in config.listener]
         return await self.gens.start(
-            self._root, program, loaded.config.supervisor, fdset, self._created
+            self._root, config.program, config.supervisor, fdset, self._created
         )
 
     def _created(self, gen: Generation) -> None:
@@ -437,9 +435,7 @@ class Supervisor(ControlHandler):
             self.loaded.config.supervisor,
             self.held.by_name,
         )
-        if self.held.retired:
-            users = self.generations()
-            self._root.start_soon(self.held.forget_retired, sorted(self.held.retired), users)
+        self._root.start_soon(self.held.forget_retired, self.generations())
 
     async def _shutdown(self) -> None:
         self.machine.to("stopping")

@@ -19,17 +19,20 @@ from ._notify import notify
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # sd_listen_fds(3): passed fds start at 3 (SD_LISTEN_FDS_START).
 SD_LISTEN_FDS_START: Final = 3
 
 #: Variables systemd sets for handoffd itself that must never reach a worker: a worker that saw
-#: NOTIFY_SOCKET could make systemd think the whole unit stops (STOPPING=1) or is ready too early.
+#: NOTIFY_SOCKET could make systemd think the whole unit stops (STOPPING=1) or is ready too early,
+#: and one that saw LISTEN_PIDFDID (systemd v256+, the inode of handoffd's own pidfd) would make
+#: a stock libsystemd ignore every fd handoffd passes (sd_listen_fds(3) checks it when set).
 SYSTEMD_PRIVATE_VARS: Final = (
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PID",
+    "LISTEN_PIDFDID",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import os
 import socket
 import stat
@@ -43,7 +42,9 @@ from typing import TYPE_CHECKING, Final, Protocol, final
 
 from ._config import parse_address
 from ._errors import ListenerError, ProtocolError
+from ._fdname import FDNAME_RULE, valid_fdname
 from ._launchd import launchd_sockets
+from ._match import inet_matches, unix_matches
 from ._notify import notify
 from ._passing import get_blocking
 from ._systemd import parse_listen_fds
@@ -66,8 +67,6 @@ _CONSUMED_VARS: Final = (
     "HANDOFF_FD",
     "HANDOFF_LISTENERS",
 )
-# sd_notify(3)/sd_pid_notify_with_fds: an FDNAME is at most 255 printable characters, no ':'.
-_FDNAME_MAX: Final = 255
 _BACKLOG: Final = socket.SOMAXCONN
 
 
@@ -412,15 +411,7 @@ def _inet_matches(sock: socket.socket, addr: str | None, kind: str) -> bool:
         want = parse_address(addr if kind == "tcp" else f"udp://{addr.removeprefix('udp://')}")
     except ValueError:
         return False
-    host, port = sock.getsockname()[:2]
-    if want.port != port:
-        return False
-    want_ip = ipaddress.ip_address(want.host.split("%")[0])
-    have_ip = ipaddress.ip_address(str(host).split("%")[0])
-    if want_ip.is_unspecified:
-        return have_ip.is_unspecified
-    mapped = getattr(have_ip, "ipv4_mapped", None)
-    return have_ip == want_ip or mapped == want_ip
+    return inet_matches(sock, want.host, want.port)
 
 
 def is_tcp_listener(fd: int | _HasFileno, addr: str | None = None) -> bool:
@@ -450,12 +441,7 @@ def is_udp(fd: int | _HasFileno, addr: str | None = None) -> bool:
 
 
 def _unix_path_matches(sock: socket.socket, path: str | None) -> bool:
-    if path is None:
-        return True
-    name: str | bytes = sock.getsockname()
-    if isinstance(name, bytes):
-        name = "@" + os.fsdecode(name[1:]) if name.startswith(b"\0") else os.fsdecode(name)
-    return name == path
+    return path is None or unix_matches(sock, path)
 
 
 def is_unix_listener(fd: int | _HasFileno, path: str | None = None) -> bool:
@@ -550,10 +536,10 @@ def watchdog() -> bool:
 
 
 def _check_fdname(name: str) -> None:
-    if not name or len(name) > _FDNAME_MAX or ":" in name or not name.isprintable():
+    reason = valid_fdname(name)
+    if reason is not None:
         raise ValueError(
-            f"fd name {name!r} is not valid: use 1 to {_FDNAME_MAX} printable characters "
-            "without ':' (sd_pid_notify_with_fds(3))"
+            f"fd name {name!r} is not valid: {reason}; use {FDNAME_RULE} (sd_pid_notify_with_fds(3))"
         )
 
 

@@ -39,7 +39,7 @@ def write_config(
     hold: float | None = 0,
     drain_timeout: float = 10,
     env: dict[str, str] | None = None,
-    listeners: list[tuple[str, str]] | None = None,
+    listeners: list[tuple[str, str]] | list[tuple[str, str, str]] | None = None,
     extra_program: str = "",
     extra_supervisor: str = "",
 ) -> None:
@@ -51,8 +51,8 @@ def write_config(
         "restart_backoff_max = 1.0",
         extra_supervisor,
     ]
-    for name, address in listeners:
-        lines += ["[[listener]]", f'name = "{name}"', f'address = "{address}"']
+    for name, address, *extra in listeners:  # extra: more TOML lines for the listener
+        lines += ["[[listener]]", f'name = "{name}"', f'address = "{address}"', *extra]
     lines += [
         "[program]",
         f"command = {json.dumps(command or worker_command())}",

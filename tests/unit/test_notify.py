@@ -43,7 +43,11 @@ def test_workers_never_see_systemds_variables_for_handoffd() -> None:
     env = {
         "NOTIFY_SOCKET": "/run/systemd/notify",
         "WATCHDOG_USEC": "1",
+        "WATCHDOG_PID": "7",
         "LISTEN_FDS": "1",
+        "LISTEN_FDNAMES": "http",
+        "LISTEN_PID": "7",
+        "LISTEN_PIDFDID": "4242",  # systemd v256+
         "PATH": "/bin",
     }
     assert clean_worker_environ(env) == {"PATH": "/bin"}
