@@ -2,7 +2,8 @@
 
 Exit codes (the only place they are turned into process exits): 0 ok; 1 the upgrade failed
 (or generation 1 never became ready); 2 usage or config error; 3 the daemon cannot be reached;
-4 ``--timeout`` passed while handoffd goes on with the request; 130 interrupted (Ctrl-C).
+4 (``status``) the daemon answers but its current generation is not serving; 5 ``--timeout``
+passed while handoffd goes on with the request; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from ._client import STOPPING_REASON, call
 from ._errors import (
     EXIT_INTERRUPTED,
+    EXIT_NOT_SERVING,
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_UPGRADE_FAILED,
@@ -247,20 +249,28 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"handoffd at {path} took the connection but did not answer status within "
             f"{STATUS_TIMEOUT:g}s: it is overloaded or hung; see its log"
         ) from exc
+    # An older daemon has no "serving" field: it says nothing, so nothing is claimed.
+    serving = EXIT_NOT_SERVING if reply.get("serving") is False else EXIT_OK
     if args.json:
         _print_json(reply)
         failed = _exit_for_error(reply)
-        return EXIT_OK if failed is None else failed
+        return serving if failed is None else failed
     failed = _error_reply(reply)
     if failed is not None:
         return failed
     print(
         f"handoffd pid {reply['pid']} ({reply['version']}) {reply['state']}, config {reply['config']}"
     )
-    print(f"generation {reply['generation']}")
+    why = f": {reply['not_serving']}" if reply.get("not_serving") else ""
+    print(f"generation {reply['generation']}, {'serving' if not serving else 'NOT serving'}{why}")
+    rss = {g["number"]: g for g in reply.get("generations") or []}  # type: ignore[attr-defined]
+    for number, g in rss.items():
+        print(f"  gen {number}: {g['processes']} processes, RSS {g['rss_kib'] / 1024:.1f} MiB")
     for w in reply["workers"]:  # type: ignore[attr-defined]
         status = f"  {w['status']!r}" if w.get("status") else ""
         extra = f"  restarts={w['restarts']}" if w.get("restarts") else ""
+        extra += f"  descendants={w['descendants']}" if w.get("descendants") else ""
+        extra += f"  readiness: {w['readiness']}" if w.get("readiness") else ""
         print(
             f"  gen {w['generation']} worker {w['index']}  pid {w['pid'] or '-':<8} {w['state']:<9}{status}{extra}"
         )
@@ -281,7 +291,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(
             f"last upgrade: {last['outcome']} (generation {last['generation']}, {last['duration_s']}s){why}"
         )
-    return EXIT_OK
+    return serving
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:

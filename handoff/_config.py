@@ -17,7 +17,7 @@ import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, final
+from typing import TYPE_CHECKING, Annotated, Final, Literal, final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 
 UnlinkPolicy = Literal["none", "always", "socket-only", "flock"]
 FdDelivery = Literal["listen_fds", "scm_rights"]
+ReadyMode = Literal["auto", "accepting", "notify", "delay"]
+_READY_MODES: Final = frozenset({"auto", "accepting", "notify"})
+# The longest canary hold accepted: a hold keeps two generations (twice the memory) serving and
+# blocks every other upgrade; ten minutes is already a deploy strategy, not a canary.
+HOLD_MAX: Final = 600.0
 
 # Names travel in LISTEN_FDNAMES, which is ':'-separated and limited to 255 bytes per name
 # (sd_listen_fds_with_names(3)); a name is also used as FDNAME= in the systemd fd store.
@@ -129,8 +134,11 @@ class ProgramConfig(_Model):
 
     command: list[str] = Field(min_length=1)
     processes: int = Field(default=1, ge=1, le=1024)
-    ready: str = "notify"
+    ready: str = "auto"
     ready_timeout: _PositiveSeconds = 30.0
+    # Seconds both generations serve side by side before the old one drains (the canary hold);
+    # 2 s catches a worker that crashes 1 s after READY=1. 0 turns it off.
+    hold: _Seconds = 2.0
     stop_signal: str = "SIGTERM"
     drain_timeout: _Seconds = 30.0
     fd_delivery: FdDelivery = "listen_fds"
@@ -164,12 +172,31 @@ class ProgramConfig(_Model):
                 f'ready = "{self.ready}" waits {delay:g}s, which is not shorter than ready_timeout '
                 f"= {self.ready_timeout:g}s: every generation would fail; raise ready_timeout"
             )
+        if self.hold > HOLD_MAX:
+            raise ValueError(
+                f"hold = {self.hold:g} keeps two generations serving for over {HOLD_MAX:g}s and "
+                f"blocks every other upgrade meanwhile; use at most hold = {HOLD_MAX:g}"
+            )
         return self
 
     @property
     def ready_delay(self) -> float | None:
-        """Seconds of ``delay:N`` readiness, or None for ``notify``."""
+        """Seconds of ``delay:N`` readiness, or None for the other modes."""
         return parse_ready(self.ready)
+
+    @property
+    def ready_mode(self) -> ReadyMode:
+        """``auto``, ``accepting``, ``notify`` or ``delay`` (``ready_delay`` has the seconds)."""
+        if self.ready == "auto":
+            return "auto"
+        if self.ready == "accepting":
+            return "accepting"
+        return "notify" if self.ready == "notify" else "delay"
+
+    @property
+    def observed(self) -> bool:
+        """Whether readiness (and the hold) watch the worker's tree accept (``auto``/``accepting``)."""
+        return self.ready in ("auto", "accepting")
 
     @property
     def stop_signum(self) -> signal.Signals:
@@ -177,8 +204,9 @@ class ProgramConfig(_Model):
 
 
 def parse_ready(text: str) -> float | None:
-    """``"notify"`` gives None; ``"delay:N"`` gives N seconds; anything else is a ``ValueError``."""
-    if text == "notify":
+    """``"delay:N"`` gives N seconds; ``auto``/``accepting``/``notify`` give None; anything else
+    is a ``ValueError``."""
+    if text in _READY_MODES:
         return None
     if text.startswith("delay:"):
         try:
@@ -187,7 +215,10 @@ def parse_ready(text: str) -> float | None:
             seconds = -1.0
         if seconds >= 0 and seconds != float("inf"):
             return seconds
-    raise ValueError('expected "notify" or "delay:SECONDS" such as "delay:2"')
+    raise ValueError(
+        'expected "notify" or "delay:SECONDS" such as "delay:2" (the explicit modes), or "auto" '
+        'or "accepting" (readiness observed in /proc)'
+    )
 
 
 @final

@@ -119,6 +119,17 @@ class WorkerInfo(_Wire):
     status: str | None = None
     restarts: int = 0
     last_exit: str | None = None
+    #: Its tree below it: descendants, and group members reparented to handoffd.
+    descendants: list[int] = Field(default_factory=list)
+    #: How its readiness is decided when that is not its mode's usual way (a fallback).
+    readiness: str | None = None
+
+
+class GenerationInfo(_Wire):
+    number: int
+    #: The sum of VmRSS over every process of its workers' trees, in KiB.
+    rss_kib: int
+    processes: int
 
 
 class ListenerInfo(_Wire):
@@ -166,6 +177,11 @@ class StatusInfo(_Wire):
     parked: list[str] = Field(default_factory=list)
     draining_generations: list[int] = Field(default_factory=list)
     last_upgrade: UpgradeReply | None = None
+    #: Whether the current generation serves: every worker ready and holding its listeners.
+    serving: bool = True
+    #: Why not, when ``serving`` is false (``handoffd status`` then exits 4).
+    not_serving: str | None = None
+    generations: list[GenerationInfo] = Field(default_factory=list)
 
 
 class StopReply(_Wire):

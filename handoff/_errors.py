@@ -13,8 +13,11 @@ EXIT_OK: Final = 0
 EXIT_UPGRADE_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
+#: ``handoffd status``: the daemon answers, but its current generation is not serving (a crash
+#: loop, a worker in backoff or still starting, or a worker tree holding no listener).
+EXIT_NOT_SERVING: Final = 4
 #: The CLI stopped waiting (``upgrade --timeout``) while handoffd goes on with the request.
-EXIT_GAVE_UP: Final = 4
+EXIT_GAVE_UP: Final = 5
 #: Interrupted (Ctrl-C) while waiting, as a shell reports SIGINT (128 + 2); handoffd goes on with
 #: a request it has already received.
 EXIT_INTERRUPTED: Final = 130

@@ -7,6 +7,9 @@ instead of opening listeners and starting generation 1.
 Design notes:
 - Signal handlers are installed before READY=1 is sent anywhere: a SIGHUP that arrived between
   READY and the handler would otherwise take its default action and kill the daemon.
+- handoffd is a child subreaper (``_spawn.become_subreaper``) from the start, and reaps on every
+  SIGCHLD the children that are not workers: descendants of workers whose parent died (they are
+  attributed to their generation by process group), and, as PID 1, any orphan at all.
 - Whoever opens a resource closes it: this module opens the control socket and the listeners
   and closes them on the way out, whatever the supervisor did meanwhile.
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-from contextlib import suppress
 from typing import TYPE_CHECKING
 
 import structlog
@@ -30,7 +32,7 @@ from ._memory import release_after_startup
 from ._paths import HANDOVER_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file
 from ._runtime_dir import open_runtime_dir, refuse_if_running, unlink_if_ours
-from ._spawn import DEFAULT_SPAWNER, unreaped_children
+from ._spawn import DEFAULT_SPAWNER, become_subreaper, reap_orphans
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -75,9 +77,15 @@ async def run_supervisor(
     if control_mode != 0o600:
         # The allowed users must be able to reach the socket: traverse, but not list or write.
         runtime.allow_traverse()
-    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
-    if os.getpid() == 1:
-        signals_wanted.append(signal.SIGCHLD)
+    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGCHLD]
+    problem = become_subreaper()
+    if problem is not None:
+        log.warning(
+            "supervisor.not_subreaper",
+            reason=problem,
+            hint="descendants whose parent dies go to init: a generation's drain then waits "
+            "only for what its process groups still hold",
+        )
     handover: Handover | None = None
     control: socket.socket | None = None
     sup.control_path = control_path
@@ -174,11 +182,17 @@ def _log_ready(sup: Supervisor, handover: Handover | None) -> None:
 
 async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
     """SIGHUP upgrades, SIGUSR2 self-upgrades, the first SIGTERM/SIGINT stops, a second one
-    kills the workers now; SIGCHLD (as PID 1 only) reaps orphans."""
+    kills the workers now; SIGCHLD reaps orphans (never a worker: its pidfd wait does)."""
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGCHLD:
-            _reap_orphans(unreaped_children())
+            for pid, group in reap_orphans():
+                log.info(
+                    "orphan.reaped",
+                    pid=pid,
+                    process_group=group,
+                    generation=sup.gens.generation_of_group(group),
+                )
         elif sup.successor_pid is not None:
             # The workers are the successor's now; never act on them from here.
             log.warning("signal.received", signal=name, action="ignored: handed over")
@@ -194,21 +208,3 @@ async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
         else:
             log.info("signal.received", signal=name, action="stop")
             sup.stop()
-
-
-def _reap_orphans(known: frozenset[int]) -> None:
-    """As PID 1 (a container), reap exited processes that are not our workers.
-
-    Workers (every child we spawned and have not reaped, including those of a generation still
-    starting) are reaped through their pidfds; waiting on them here would steal their status.
-    """
-    children: set[int] = set()
-    try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                children.update(int(p) for p in f.read().split())
-    except OSError:
-        return
-    for pid in children - known:
-        with suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)

@@ -6,11 +6,13 @@ One upgrade at a time walks the phase table of ``_phases``::
     any failure before the hold ends -> running                    (N+1 stopped, N serves)
     running -> self-upgrading -> handed-over | running             (see ``_handover``)
 
-The supervisor decides; effects report back: ``_generation_set`` starts a generation (raising
-``SpawnError`` with the reason it cannot serve), ``_handover.hand_over`` runs a self-upgrade and
-returns its outcome, ``_held`` plans, commits or rolls back the listeners, and ``_tickets`` owns
-the callers' requests (coalesced: a burst costs the running upgrade and one follow-up).
-Start-up wiring (control socket, pid file, signals, a successor's start) is ``_startup``.
+The hold (``program.hold`` seconds, the canary) has both generations serve; a worker of N+1 that
+exits or stops holding the listeners fails the upgrade, as a stop does. The supervisor decides;
+effects report back: ``_generation_set`` starts, holds and drains generations (raising
+``SpawnError`` with the reason one cannot serve), ``_handover.hand_over`` runs a self-upgrade,
+``_held`` plans, commits or rolls back the listeners, and ``_tickets`` owns the callers'
+requests (coalesced: a burst costs the running upgrade and one follow-up). Start-up wiring
+(control socket, pid file, signals, a successor's start) is ``_startup``.
 
 Design notes:
 - The upgrade boundary is the one place that catches ``Exception``: whatever goes wrong while
@@ -34,7 +36,7 @@ from structlog.contextvars import bound_contextvars
 
 from ._config import load_config, resolve_runtime_dir
 from ._control import ControlHandler, UpgradeRequest
-from ._errors import HandoffError, SpawnError
+from ._errors import HandoffError, SpawnError, UpgradeError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
@@ -42,6 +44,7 @@ from ._limits import worker_fd_limit
 from ._memory import release_after_upgrade
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
+from ._readiness import probe_proc
 from ._reconfigure import apply_changes, refuse_unappliable
 from ._spawn import DEFAULT_SPAWNER
 from ._status import status_info, status_text
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
     from ._held import ListenerPlan
     from ._listeners import Listener
     from ._processes import Spawner
+    from ._readiness import ReadinessProbe
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -72,7 +76,11 @@ class Supervisor(ControlHandler):
     """The running daemon's state; see the module docstring for the state machine."""
 
     def __init__(
-        self, loaded: LoadedConfig, environ: Mapping[str, str], spawner: Spawner = DEFAULT_SPAWNER
+        self,
+        loaded: LoadedConfig,
+        environ: Mapping[str, str],
+        spawner: Spawner = DEFAULT_SPAWNER,
+        probe: ReadinessProbe = probe_proc,
     ) -> None:
         self.loaded = loaded
         self.environ = dict(environ)
@@ -87,6 +95,7 @@ class Supervisor(ControlHandler):
             environ=environ,
             spawner=spawner,
             on_drained=lambda: self.systemd.status(self.status_text()),
+            probe=probe,
         )
         self.machine = PhaseMachine()
         self.queue = UpgradeQueue()
@@ -139,8 +148,7 @@ class Supervisor(ControlHandler):
         if not self.stop_requested.is_set():
             log.info("supervisor.stopping")
         self.stop_requested.set()
-        if self.gens.starting is not None:
-            self.gens.starting.abort("handoffd is stopping")
+        self.gens.abort_new("handoffd is stopping")
 
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind; a stopping or handed-over
@@ -243,6 +251,7 @@ class Supervisor(ControlHandler):
         """One worker upgrade; never raises for a failure of the new generation."""
         old = self.current
         plan: ListenerPlan | None = None
+        gen: Generation | None = None
         self.machine.to("spawning", generation=self.gens.next_number)
         self.systemd.reloading(monotonic_usec())
         with bound_contextvars(upgrade_generation=self.gens.next_number):
@@ -257,6 +266,12 @@ class Supervisor(ControlHandler):
                 gen = await self._start_generation(loaded, plan.wanted)
                 ticket.phase("ready", f"generation {gen.number} pids {gen.pids()}")
                 self.machine.to("holding", generation=gen.number)
+                hold = loaded.config.program.hold
+                if hold > 0:
+                    ticket.phase("holding", f"{hold:.1f}s")
+                lost = await self.gens.hold(gen, hold, stopping=self.stop_requested.is_set())
+                if lost is not None:
+                    raise UpgradeError(lost)
             except HandoffError as exc:
                 reason: str | None = str(exc)
             except Exception as exc:  # the upgrade boundary: N keeps serving whatever happened
@@ -264,7 +279,10 @@ class Supervisor(ControlHandler):
                 reason = f"internal error: {exc!r}"
             else:
                 reason = None
-            if reason is not None or plan is None:
+            if reason is not None or plan is None or gen is None:
+                if gen is not None:  # started, but will not serve: drained like a failed start
+                    ticket.phase("stopping", f"generation {gen.number}")
+                    await self.gens.stop_failed(gen)
                 if plan is not None:
                     self.held.roll_back(plan)
                 reply = ticket.failed(reason or "no listener plan", self.gens.number())
@@ -366,7 +384,8 @@ class Supervisor(ControlHandler):
         """Spawn the next generation and return it once ready; raises ``SpawnError`` if not."""
         assert self._root is not None
         config = loaded.config
-        self.systemd.extend_timeout(config.program.ready_timeout + SYSTEMD_SLACK_S)
+        program = config.program
+        self.systemd.extend_timeout(program.ready_timeout + program.hold + SYSTEMD_SLACK_S)
         # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
         fdset = [(lc.name, listeners[lc.name]) for lc in config.listener]
         return await self.gens.start(

@@ -182,7 +182,9 @@ class UpgradeQueue:
 
 def log_finished(reply: UpgradeReply, **extra: object) -> None:
     """The one canonical line per upgrade: ``upgrade.finished outcome=... reason=...``."""
-    log.info(
+    # A failed upgrade is something an operator must see: N kept serving, the deploy did not land.
+    emit = log.info if reply.ok else log.warning
+    emit(
         "upgrade.finished",
         outcome=reply.outcome,
         reason=reply.reason,

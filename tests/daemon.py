@@ -36,6 +36,7 @@ def write_config(
     processes: int = 2,
     ready: str = "notify",
     ready_timeout: float = 10,
+    hold: float | None = 0,
     drain_timeout: float = 10,
     env: dict[str, str] | None = None,
     listeners: list[tuple[str, str]] | list[tuple[str, str, str]] | None = None,
@@ -58,6 +59,9 @@ def write_config(
         f"processes = {processes}",
         f'ready = "{ready}"',
         f"ready_timeout = {ready_timeout}",
+        # The tests written before the canary hold keep their speed and meaning: hold = 0 unless
+        # a test asks for one (None: the default hold).
+        "" if hold is None else f"hold = {hold}",
         f"drain_timeout = {drain_timeout}",
         extra_program,
     ]

@@ -488,13 +488,13 @@ def never_ready_upgrade(daemon: Daemon) -> None:
     write_config(daemon.config, daemon.runtime_dir, processes=1, ready_timeout=60, env=NEVER_READY)
 
 
-def test_upgrade_timeout_exits_4_and_says_the_upgrade_goes_on(
+def test_upgrade_timeout_exits_5_and_says_the_upgrade_goes_on(
     run_daemon: Callable[..., Daemon],
 ) -> None:
     daemon = run_daemon(processes=1)
     never_ready_upgrade(daemon)
     result = daemon.cli("upgrade", "--timeout", "1")
-    assert result.returncode == 4, result.stderr
+    assert result.returncode == 5, result.stderr
     assert result.stderr == (
         f"handoffd: gave up waiting after 1s; the upgrade goes on in handoffd at "
         f"{control_path(daemon)}; see `handoffd status`\n"

@@ -20,7 +20,15 @@ from bench.strict_client import request_once
 from handoff._config import ListenerConfig
 from handoff._errors import ListenerError
 from handoff._listeners import bind_listener
-from tests.daemon import REPO, WORKER, remove_tree, short_tempdir, wait_until, write_config
+from tests.daemon import (
+    REPO,
+    WORKER,
+    pid_alive,
+    remove_tree,
+    short_tempdir,
+    wait_until,
+    write_config,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -325,9 +333,15 @@ runpy.run_path({WORKER!r}, run_name="__main__")
 """
 
 
-def test_o_nonblock_set_by_one_generation_is_not_inherited_by_the_next(
+def test_o_nonblock_set_by_workers_is_left_alone_while_they_run_and_reset_once_they_are_gone(
     run_daemon: Callable[..., Daemon],
 ) -> None:
+    """O_NONBLOCK lives on the file description every generation shares.
+
+    Clearing it under a running worker that set it would make that worker's next accept()
+    block (a stall), so a new generation inherits it while the old one runs; once no worker is
+    left, the next one starts with the flags as handoffd bound them (blocking).
+    """
     daemon = run_daemon(processes=1, command=[sys.executable, "-c", _NONBLOCK_WORKER])
 
     def started_nonblocking(start: int) -> str:
@@ -337,8 +351,14 @@ def test_o_nonblock_set_by_one_generation_is_not_inherited_by_the_next(
         return str(event["line"]).strip().split("=")[1]
 
     assert started_nonblocking(0) == "False"
+    [first] = daemon.worker_pids()
     mark = daemon.mark()
     code, reply = daemon.upgrade()
     assert code == 0, reply
-    assert started_nonblocking(mark) == "False"  # "True" on main
+    assert started_nonblocking(mark) == "True"  # generation 1 ran, and had set it, meanwhile
+    wait_until(lambda: not pid_alive(first), 10, "generation 1 to drain")
+    [second] = daemon.worker_pids(2)
+    mark = daemon.mark()
+    os.kill(second, signal.SIGKILL)  # no worker is left: its replacement starts blocking
+    assert started_nonblocking(mark) == "False"
     assert request_once(daemon.address()).status == 200

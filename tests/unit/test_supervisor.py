@@ -35,11 +35,11 @@ def base():
 
 
 async def start(nursery: trio.Nursery, base: Path, spawner: FakeSpawner, **config) -> Supervisor:
-    """A supervisor serving generation 1 of fake workers."""
+    """A supervisor serving generation 1 of fake workers (probed through the fakes)."""
     cfg = base / "handoffd.toml"
     write_config(cfg, base / "run", command=["fake-worker"], **config)
     loaded = load_config(cfg)
-    sup = Supervisor(loaded, {}, spawner)
+    sup = Supervisor(loaded, {}, spawner, probe=spawner.probe)
     sup.notify_dir.mkdir(parents=True)
     sup.held.adopt(open_listeners(loaded, {}))
 
