@@ -170,7 +170,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     cfg = loaded.config
     try:
         # The rule a spawn applies, with the PATH handoffd would run it with from this shell.
-        resolve_command(cfg.program.command, {**os.environ, **cfg.program.env}, cfg.program.cwd)
+        resolve_command(
+            cfg.program.command, {**os.environ, **cfg.program.env}, cfg.program.working_dir
+        )
     except HandoffError as exc:
         # A warning, not an error: the program may be installed after the config is checked
         # (a deploy that validates first), and handoffd's own PATH may differ from this one.

@@ -12,16 +12,29 @@ Design notes:
 
 from __future__ import annotations
 
+import grp
+import pwd
 import re
+import resource
+import shutil
 import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final, Literal, final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ._address import Address, parse_address
+from ._envfile import load_env_file
 from ._errors import ConfigError
 from ._paths import control_socket_for, runtime_dir_for
 from ._paths import find_control_socket as find_control_socket
@@ -33,6 +46,7 @@ if TYPE_CHECKING:
 UnlinkPolicy = Literal["none", "always", "socket-only", "flock"]
 FdDelivery = Literal["listen_fds", "scm_rights"]
 ReadyMode = Literal["auto", "accepting", "notify", "delay"]
+OutputMode = Literal["inherit", "log"]
 _READY_MODES: Final = frozenset({"auto", "accepting", "notify"})
 # The longest canary hold accepted: a hold keeps two generations (twice the memory) serving and
 # blocks every other upgrade; ten minutes is already a deploy strategy, not a canary.
@@ -41,6 +55,11 @@ HOLD_MAX: Final = 600.0
 # Names travel in LISTEN_FDNAMES, which is ':'-separated and limited to 255 bytes per name
 # (sd_listen_fds_with_names(3)); a name is also used as FDNAME= in the systemd fd store.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
+# setpriv(1) switches a worker's user and groups (posix_spawn cannot); looked up only here, never
+# on the worker's PATH, which the config (and so whoever edits it) controls.
+SETPRIV_PATH: Final = "/usr/bin:/bin:/usr/sbin:/sbin"
+_SIZE_RE = re.compile(r"^([0-9]+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
+_SIZE_UNITS: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def parse_signal(text: str) -> signal.Signals:
@@ -143,7 +162,31 @@ class ProgramConfig(_Model):
     drain_timeout: _Seconds = 30.0
     fd_delivery: FdDelivery = "listen_fds"
     env: dict[str, str] = Field(default_factory=dict)
-    cwd: Path | None = Field(default=None, strict=False)
+    # ``cwd`` is read as its old name (see ``_rename_cwd``).
+    working_dir: Path | None = Field(default=None, strict=False)
+    env_file: Path | None = Field(default=None, strict=False)
+    user: str | int | None = None
+    group: str | int | None = None
+    umask: str | int | None = None
+    nofile: int | None = Field(default=None, gt=0)
+    core: Annotated[int, Field(ge=0)] | Literal["unlimited"] | None = None
+    memory: int | str | None = None
+    output: OutputMode = "inherit"
+    _identity: WorkerIdentity | None = PrivateAttr(default=None)
+    _file_env: dict[str, str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_cwd(cls, data: object) -> object:
+        """``cwd`` was the first name of ``working_dir``: existing configs keep working."""
+        if isinstance(data, dict) and "cwd" in data:
+            if "working_dir" in data:
+                raise ValueError(
+                    "both cwd and working_dir are set; cwd is the old name of working_dir: "
+                    "keep working_dir only"
+                )
+            data = {("working_dir" if k == "cwd" else k): v for k, v in data.items()}
+        return data
 
     @field_validator("command")
     @classmethod
@@ -163,6 +206,25 @@ class ProgramConfig(_Model):
     def _check_signal(cls, value: str) -> str:
         parse_signal(value)
         return value
+
+    @field_validator("umask")
+    @classmethod
+    def _check_umask(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_umask(value)
+        return value
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_identity(self) -> ProgramConfig:
+        self._identity = resolve_identity(self.user, self.group)
+        return self
 
     @model_validator(mode="after")
     def _delay_fits_timeout(self) -> ProgramConfig:
@@ -201,6 +263,164 @@ class ProgramConfig(_Model):
     @property
     def stop_signum(self) -> signal.Signals:
         return parse_signal(self.stop_signal)
+
+    @property
+    def identity(self) -> WorkerIdentity | None:
+        """Who the workers run as (``user``/``group`` resolved at load), None: as handoffd."""
+        return self._identity
+
+    @property
+    def umask_bits(self) -> int | None:
+        return None if self.umask is None else parse_umask(self.umask)
+
+    @property
+    def core_bytes(self) -> int | None:
+        """RLIMIT_CORE in bytes, ``resource.RLIM_INFINITY`` for "unlimited", None: inherited."""
+        return resource.RLIM_INFINITY if self.core == "unlimited" else self.core
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_size(self.memory)
+
+    def load_env_file(self) -> None:
+        """Read ``env_file`` now (at config load, so a bad file fails the load that names it).
+
+        Raises:
+            ConfigError: the file is missing, unreadable, unsafe or malformed.
+        """
+        if self.env_file is not None:
+            self._file_env = load_env_file(self.env_file)
+
+    def worker_env(self) -> dict[str, str]:
+        """``env_file``'s variables overridden by ``[program.env]``.
+
+        A config validated without ``load_config`` (a handed-over generation) reads its file
+        here, the first time.
+
+        Raises:
+            ConfigError: (only then) the file cannot be read.
+        """
+        if self.env_file is not None and self._file_env is None:
+            self.load_env_file()
+        return {**(self._file_env or {}), **self.env}
+
+
+@final
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """``program.user``/``group`` resolved: the ids workers get, and how their groups are set.
+
+    Supplementary groups: a ``user`` with a passwd entry gets its groups (initgroups(3), as
+    login, su and systemd's ``User=`` do); otherwise (a numeric uid without an entry, or only
+    ``group``) the workers get none, never handoffd's own (root's).
+    """
+
+    uid: int | None
+    gid: int
+    #: The passwd name (for initgroups and USER/LOGNAME), None for a uid without an entry.
+    name: str | None
+    home: str | None
+    setting: str  # "program.user = 'nobody'", for messages
+    setpriv: str
+
+
+def resolve_identity(user: str | int | None, group: str | int | None) -> WorkerIdentity | None:
+    """Look ``user`` and ``group`` up (names or numeric ids); None when neither is set.
+
+    Raises:
+        ValueError: an unknown name, a numeric uid without a group to use, or no setpriv(1).
+    """
+    if user is None and group is None:
+        return None
+    entry: pwd.struct_passwd | None = None
+    uid: int | None = None
+    if isinstance(user, str):
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise ValueError(
+                f"user = {user!r}: no user of that name on this host (getpwnam); create it, or give a numeric "
+                "uid such as user = 65534"
+            ) from None
+        uid = entry.pw_uid
+    elif user is not None:
+        if user < 0:
+            raise ValueError(f"user = {user}: a uid is a number from 0 up")
+        uid = user
+        try:
+            entry = pwd.getpwuid(user)
+        except KeyError:
+            entry = None
+    if isinstance(group, str):
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ValueError(
+                f"group = {group!r}: no group of that name on this host (getgrnam); create it, or give a "
+                "numeric gid such as group = 65534"
+            ) from None
+    elif group is not None:
+        if group < 0:
+            raise ValueError(f"group = {group}: a gid is a number from 0 up")
+        gid = group
+    elif entry is not None:
+        gid = entry.pw_gid
+    else:
+        raise ValueError(
+            f"user = {user} has no passwd entry, so no primary group to run as; set program.group"
+        )
+    setting = f"program.user = {user!r}" if user is not None else f"program.group = {group!r}"
+    setpriv = shutil.which("setpriv", path=SETPRIV_PATH)
+    if setpriv is None:
+        raise ValueError(
+            f"{setting} needs setpriv(1) to start workers as another user, and it is not in "
+            f"{SETPRIV_PATH}; install util-linux (apt-get install util-linux), or remove "
+            "program.user and program.group (or set User= in handoffd's service unit)"
+        )
+    return WorkerIdentity(
+        uid=uid,
+        gid=gid,
+        name=entry.pw_name if entry is not None else None,
+        home=entry.pw_dir if entry is not None else None,
+        setting=setting,
+        setpriv=setpriv,
+    )
+
+
+def parse_umask(value: str | int) -> int:
+    """``"027"``/``"0027"``/``"0o027"`` (octal text) or an int such as ``0o027``.
+
+    Raises:
+        ValueError: not octal, or outside 0..0o777.
+    """
+    if isinstance(value, str):
+        try:
+            parsed = int(value.removeprefix("0o"), 8)
+        except ValueError:
+            raise ValueError('expected an octal umask such as "027" or 0o027') from None
+    else:
+        parsed = value
+    if not 0 <= parsed <= 0o777:
+        raise ValueError('a umask is between 0 and 0o777 (octal), such as "027"')
+    return parsed
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or ``"512M"``/``"2G"``/``"512MiB"`` (powers of 1024).
+
+    Raises:
+        ValueError: not a size, or zero.
+    """
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value.strip())
+        if match is None:
+            raise ValueError('expected bytes as a number, or a size such as "512M" or "2G"')
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+    if size <= 0:
+        raise ValueError("a memory limit is more than 0 bytes")
+    return size
 
 
 def parse_ready(text: str) -> float | None:
@@ -269,7 +489,12 @@ def load_config(path: Path | str) -> LoadedConfig:
     except ValidationError as exc:
         lines = render_errors(exc, inputs=True)
         raise ConfigError("\n".join(f"config {path}: {line}" for line in lines)) from exc
-    return LoadedConfig(path=path, config=_resolve_paths(config, path.parent))
+    config = _resolve_paths(config, path.parent)
+    try:
+        config.program.load_env_file()
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from exc
+    return LoadedConfig(path=path, config=config)
 
 
 def _resolve_paths(config: Config, base: Path) -> Config:
@@ -284,9 +509,13 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         if value is not None and not value.is_absolute()
     }
     prog = config.program
-    new_prog = prog
-    if prog.cwd is not None and not prog.cwd.is_absolute():
-        new_prog = prog.model_copy(update={"cwd": base / prog.cwd})
+    new_prog = prog.model_copy(
+        update={
+            key: base / value
+            for key, value in (("working_dir", prog.working_dir), ("env_file", prog.env_file))
+            if value is not None and not value.is_absolute()
+        }
+    )
     return config.model_copy(
         update={"supervisor": sup.model_copy(update=updates), "program": new_prog}
     )

@@ -51,19 +51,20 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Literal, final
 
 import structlog
 import trio
 from structlog.contextvars import bound_contextvars, clear_contextvars
 
-from ._errors import ProtocolError, SpawnError
+from ._errors import ConfigError, ProtocolError, SpawnError
 from ._fdname import valid_fdname
 from ._listeners import restore_flags, revive_dead
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
+from ._output import OUTPUT_FLUSH, OutputPipe, open_output_pipes, pump_output
 from ._processes import REAP_TIMEOUT_S, kill_and_reap
 from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
-from ._spawn import DEFAULT_SPAWNER, describe_exit
+from ._spawn import DEFAULT_SPAWNER, WorkerSettings, describe_exit
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -191,6 +192,8 @@ class GenerationSpec:
     listener_keys: Mapping[int, ListenerKey] = field(default_factory=dict)
     #: How a worker's tree is judged accepting (the /proc one; fakes in unit tests).
     probe: ReadinessProbe = probe_proc
+    #: Makes the notify dir reachable by workers of another uid (``program.user``).
+    open_notify_dir: Callable[[], None] = lambda: None
 
 
 @final
@@ -282,6 +285,10 @@ class Generation:
         self._hold_begun = trio.Event()
         #: The first reason ``auto`` fell back to READY=1 in this generation (logged once).
         self.fallback: str | None = None
+        # output = "log": the nursery the output pumps run in (they outlive their worker, see
+        # _output), and one Event per pump, set at its EOF.
+        self._nursery: trio.Nursery | None = None
+        self._pumps_done: list[trio.Event] = []
 
     def request_drain(self) -> None:
         """Ask the generation to stop (stop_signal, drain_timeout, then SIGKILL)."""
@@ -346,6 +353,32 @@ class Generation:
         if self.holding and self.hold_failure is None:
             self.hold_failure = reason
             self.hold_lost.set()
+
+    def start_output(self, pipes: Sequence[OutputPipe], pid: int, worker: int) -> None:
+        """Pump the read ends of ``pipes`` (ours from now on) until EOF (see ``_output``)."""
+        for pipe in pipes:
+            fd, pipe.read_fd = pipe.read_fd, -1
+            if self._nursery is None:
+                os.close(fd)
+                continue
+            done = trio.Event()
+            self._pumps_done = [e for e in self._pumps_done if not e.is_set()]
+            self._pumps_done.append(done)
+            self._nursery.start_soon(self._pump, fd, pipe.stream, pid, worker, done)
+
+    async def _pump(
+        self, fd: int, stream: Literal["stdout", "stderr"], pid: int, worker: int, done: trio.Event
+    ) -> None:
+        try:
+            await pump_output(fd, stream, pid=pid, generation=self.number, worker=worker)
+        finally:
+            done.set()
+
+    async def flush_output(self) -> None:
+        """Once the trees are gone: give the pumps ``OUTPUT_FLUSH`` seconds to reach EOF."""
+        with trio.move_on_after(OUTPUT_FLUSH):
+            for done in list(self._pumps_done):
+                await done.wait()
 
     def owns_group(self, pgid: int) -> bool:
         """Whether ``pgid`` is the process group of one of this generation's workers."""
@@ -415,6 +448,7 @@ async def run_generation(
     with bound_contextvars(generation=spec.number):
         try:
             async with trio.open_nursery() as nursery:
+                gen._nursery = nursery
                 for slot in gen.slots:
                     nursery.start_soon(_run_slot, gen, slot)
                 with trio.move_on_after(spec.program.ready_timeout) as timer:
@@ -427,12 +461,14 @@ async def run_generation(
                     failure = gen.failure
                     gen.request_drain()
                     await _drain(gen)
+                    await gen.flush_output()
                     nursery.cancel_scope.cancel()
                 else:
                     log.info("generation.ready", pids=gen.pids())
                     task_status.started(gen)
                     await gen._drain_requested.wait()
                     await _drain(gen)
+                    await gen.flush_output()
                     nursery.cancel_scope.cancel()
         finally:
             gen.stopped.set()
@@ -482,6 +518,7 @@ async def run_adopted_generation(
     with bound_contextvars(generation=spec.number):
         try:
             async with trio.open_nursery() as nursery:
+                gen._nursery = nursery
                 for slot in gen.slots:
                     if slot in adopted or not draining:
                         nursery.start_soon(_run_slot, gen, slot, slot in adopted)
@@ -498,6 +535,7 @@ async def run_adopted_generation(
                 await _drain(
                     gen, signalled=signalled, drain_timeout=drain_remaining if signalled else None
                 )
+                await gen.flush_output()
                 nursery.cancel_scope.cancel()
         finally:
             gen.stopped.set()
@@ -634,7 +672,16 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
     # spawn, so a Path here would grow the interpreter's interned-string table for ever.
     path = f"{spec.notify_dir}/{spec.number}.{slot.index}.{next(_spawn_sequence)}"
     slot.exited = trio.Event()
+    identity = spec.program.identity
+    # Not root: nothing to chown; the spawn refuses program.user with the reason.
+    other_uid = (
+        identity.uid
+        if identity is not None and identity.uid != os.geteuid() and os.geteuid() == 0
+        else None
+    )
     try:
+        if other_uid is not None:
+            spec.open_notify_dir()
         receiver = NotifyReceiver.bind(path)
     except OSError as exc:
         # The runtime dir vanished or we are out of fds: a failed start (retried with backoff),
@@ -644,16 +691,32 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
         )
         slot.exited.set()
         return None
+    pipes: tuple[OutputPipe, ...] = ()
     try:
-        proc, channel = _spawn(spec, gen.parked, slot, path)
-    except SpawnError as exc:
+        if other_uid is not None:
+            # Only the worker's uid (and root) may send to it: the notify dir is traversable
+            # by all once a worker runs as another user, and the path is new for each spawn.
+            os.chmod(path, 0o600, follow_symlinks=False)
+            os.chown(path, other_uid, -1, follow_symlinks=False)
+        if spec.program.output == "log":
+            pipes = open_output_pipes()
+        proc, channel = _spawn(spec, gen.parked, slot, path, pipes)
+    except (SpawnError, OSError) as exc:
         _close_receiver(receiver, unlink=True)
-        slot.last_exit = f"could not be started: {exc}"
+        for pipe in pipes:
+            pipe.close()
+        why = str(exc) if isinstance(exc, SpawnError) else f"{path}: {exc.strerror}"
+        slot.last_exit = f"could not be started: {why}"
         slot.exited.set()
         return None
     except BaseException:
         _close_receiver(receiver, unlink=True)
+        for pipe in pipes:
+            pipe.close()
         raise
+    for pipe in pipes:
+        pipe.close_write()
+    gen.start_output(pipes, proc.pid, slot.index)
     slot.process = proc
     slot.state = "starting"
     slot.notified = slot.ready_sent = slot.accepting = slot.epoll_ready = False
@@ -741,12 +804,53 @@ def _close_receiver(receiver: NotifyReceiver, *, unlink: bool) -> None:
         receiver.sock.close()
 
 
+def worker_settings(program: ProgramConfig) -> WorkerSettings:
+    """``[program]``'s user, umask and limits as the spawner takes them."""
+    identity = program.identity
+    return WorkerSettings(
+        uid=identity.uid if identity is not None else None,
+        gid=identity.gid if identity is not None else None,
+        user_name=identity.name if identity is not None else None,
+        setpriv=identity.setpriv if identity is not None else "setpriv",
+        identity_setting=identity.setting if identity is not None else "program.user",
+        umask=program.umask_bits,
+        nofile=program.nofile,
+        core=program.core_bytes,
+        memory=program.memory_bytes,
+    )
+
+
+def worker_environ(spec: GenerationSpec) -> dict[str, str]:
+    """Ours, then the user's USER/LOGNAME/HOME (as login does), ``env_file``, ``[program.env]``.
+
+    Raises:
+        SpawnError: ``env_file`` cannot be read (a handed-over generation reads it at its
+            first spawn).
+    """
+    env = dict(spec.environ)
+    identity = spec.program.identity
+    if identity is not None and identity.name is not None:
+        env.update(USER=identity.name, LOGNAME=identity.name)
+        if identity.home is not None:
+            env["HOME"] = identity.home
+    try:
+        env.update(spec.program.worker_env())
+    except ConfigError as exc:
+        raise SpawnError(str(exc)) from exc
+    return env
+
+
 def _spawn(
-    spec: GenerationSpec, parked: ParkedFds, slot: WorkerSlot, notify_path: str
+    spec: GenerationSpec,
+    parked: ParkedFds,
+    slot: WorkerSlot,
+    notify_path: str,
+    pipes: Sequence[OutputPipe] = (),
 ) -> tuple[ProcessHandle, socket.socket | None]:
     program = spec.program
-    env = dict(spec.environ)
-    env.update(program.env)
+    env = worker_environ(spec)
+    settings = worker_settings(program)
+    out = {pipe.stream: pipe.write_fd for pipe in pipes}
     env["NOTIFY_SOCKET"] = notify_path
     env["HANDOFF_GENERATION"] = str(spec.number)
     env["HANDOFF_WORKER"] = str(slot.index)
@@ -768,7 +872,10 @@ def _spawn(
             environ=env,
             fds=[fd for _, fd in fdset],
             set_listen_pid=True,
-            cwd=program.cwd,
+            cwd=program.working_dir,
+            settings=settings,
+            stdout=out.get("stdout"),
+            stderr=out.get("stderr"),
         )
         return proc, None
     try:
@@ -782,7 +889,10 @@ def _spawn(
             environ=env,
             fds=[theirs.fileno()],
             set_listen_pid=False,
-            cwd=program.cwd,
+            cwd=program.working_dir,
+            settings=settings,
+            stdout=out.get("stdout"),
+            stderr=out.get("stderr"),
         )
     except BaseException:
         ours.close()

@@ -56,6 +56,8 @@ class GenerationSet:
     ) -> None:
         self.parked = parked
         self.notify_dir = notify_dir
+        #: Set by the start-up: lets workers of another uid reach the notify dir.
+        self.open_notify_dir: Callable[[], None] = lambda: None
         self.environ = _worker_environ(environ)
         self.spawner = spawner
         self.probe = probe
@@ -261,6 +263,7 @@ class GenerationSet:
             listener_keys=listener_keys({name: li.sock for name, li in fdset}),
             probe=self.probe,
             live_workers=self.live_workers,
+            open_notify_dir=self.open_notify_dir,
         )
 
 

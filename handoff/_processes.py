@@ -24,9 +24,13 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
+from ._spawn import NO_SETTINGS
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
+
+    from ._spawn import WorkerSettings
 
 # How long a SIGKILLed process may take to be reaped before we stop waiting for it. It cannot
 # ignore SIGKILL; this only bounds a process stuck in uninterruptible sleep (a dead NFS mount).
@@ -92,6 +96,9 @@ class Spawner(Protocol):
         set_listen_pid: bool,
         cwd: Path | None = None,
         own_process_group: bool = True,
+        settings: WorkerSettings = NO_SETTINGS,
+        stdout: int | None = None,
+        stderr: int | None = None,
     ) -> ProcessHandle:
         """Start ``command`` with ``fds`` at 3, 4, ...; raises ``SpawnError`` on failure."""
         ...

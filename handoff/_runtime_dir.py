@@ -225,6 +225,15 @@ class RuntimeDir:
         """Let other uids reach the control socket (``allowed_uids``): 0711, never listable."""
         os.fchmod(self.root.fd, 0o711)
 
+    def allow_workers(self) -> None:
+        """Let workers of another uid (``program.user``) reach their notify sockets: 0711.
+
+        Traverse only, never list or write; each socket is then made the worker's alone (0600,
+        chowned to its uid) before it is spawned.
+        """
+        os.fchmod(self.root.fd, 0o711)
+        os.fchmod(self.notify.fd, 0o711)
+
     def verify_control_socket(self, path: Path) -> int:
         """Check the control socket bound at ``path`` is in the directory held open; its inode.
 

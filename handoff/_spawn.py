@@ -23,6 +23,21 @@ Design notes:
   pid, hence the group id, is reserved; once it is reaped, only while a member of the group is
   our child that we have not reaped (alive or zombie), which holds the group id as well.
   An adopted worker (a self-upgrade; not our child) is signalled through its pidfd only.
+- Worker settings (``WorkerSettings``, from ``[program]``): posix_spawn can set neither a
+  working directory, rlimits, a umask nor the user, so the shim does them, in this order:
+  ``cd``, ``ulimit -n``/``-c`` (both soft and hard, as systemd's ``LimitNOFILE=`` does), ``umask``,
+  then ``exec setpriv --reuid U --regid G --init-groups|--clear-groups -- command``: the
+  directory and the limits are applied while still root (raising a hard limit needs it),
+  and setpriv(1) execs, so ``LISTEN_PID=$$`` is still the final program's pid and the process
+  group is still the one posix_spawn made. What can be checked before spawning (not root, a
+  limit above what we may grant, a missing directory) fails with the setting named
+  (``SpawnError``); a shim step that still fails prints the setting to the worker's stderr and
+  exits 126.
+- ``memory`` needs a cgroup per worker, which this version does not create: a configured one
+  fails every spawn with that sentence rather than being ignored. RLIMIT_AS was not taken as a
+  fallback: it bounds address space, not memory, and runtimes that reserve far more than they
+  use (Go, the JVM, glibc's per-thread arenas, ASan) fail under a limit sized to their RSS.
+- ``stdout``/``stderr``: fds (pipes of ``_output``) dup2'ed to 1 and 2, staged like the fd set.
 """
 
 from __future__ import annotations
@@ -30,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -53,6 +69,8 @@ _SHIM: Final = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
 NOFILE_ENV: Final = "HANDOFF_NOFILE"
 _NOFILE_SHIM: Final = f'ulimit -S -n "${NOFILE_ENV}" || exit 126; unset {NOFILE_ENV}; '
 _SHELL: Final = "/bin/sh"
+# dash(1)'s and bash(1)'s ``ulimit -c`` count 512-byte blocks.
+_CORE_BLOCK: Final = 512
 # Signals Python leaves as SIG_IGN, which exec would otherwise pass on to the worker.
 _RESET_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
 # prctl(2): become the reaper of orphaned descendants (linux/prctl.h).
@@ -247,6 +265,133 @@ class WorkerProcess:
             self.pidfd = -1
 
 
+@final
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker is started beyond command, environment and fds (``[program]``'s settings).
+
+    ``uid``/``gid``: the ids to switch to (None: keep ours); ``user_name``: initgroups(3) its
+    supplementary groups (None: none at all). ``identity_setting`` names the setting in errors.
+    ``core`` is in bytes (``resource.RLIM_INFINITY``: unlimited); ``memory`` in bytes.
+    """
+
+    uid: int | None = None
+    gid: int | None = None
+    user_name: str | None = None
+    setpriv: str = "setpriv"
+    identity_setting: str = "program.user"
+    umask: int | None = None
+    nofile: int | None = None
+    core: int | None = None
+    memory: int | None = None
+
+    @property
+    def switches_identity(self) -> bool:
+        return self.uid is not None or self.gid is not None
+
+
+#: A worker started with nothing beyond its command.
+NO_SETTINGS: Final = WorkerSettings()
+
+
+def _fail_step(command: str, setting: str) -> str:
+    """A shim step that, when it fails, says which setting could not be applied."""
+    return f'{command} || {{ echo "handoffd: cannot apply {setting}" >&2; exit 126; }}; '
+
+
+def build_shim(
+    *,
+    cwd: Path | None,
+    inherited_nofile: bool,
+    settings: WorkerSettings,
+    set_listen_pid: bool,
+) -> tuple[str, list[str]] | None:
+    """The ``sh -c`` script and the argv words before the command; None: exec it directly.
+
+    Numbers are written into the script (they are ints); paths travel as arguments.
+    """
+    script = ""
+    before: list[str] = []
+    if cwd is not None:
+        script += _fail_step('cd "$1"', "program.working_dir") + "shift; "
+        before.append(str(cwd))
+    if settings.nofile is not None:
+        script += _fail_step(f"ulimit -n {int(settings.nofile)}", "program.nofile")
+        script += f"unset {NOFILE_ENV}; "
+    elif inherited_nofile:
+        script += _NOFILE_SHIM
+    if settings.core is not None:
+        if settings.core == resource.RLIM_INFINITY:
+            blocks = "unlimited"
+        else:
+            blocks = str(-(-int(settings.core) // _CORE_BLOCK))
+        script += _fail_step(f"ulimit -c {blocks}", "program.core")
+    if settings.umask is not None:
+        script += _fail_step(f"umask {int(settings.umask):04o}", "program.umask")
+    if settings.switches_identity:
+        before.append(settings.setpriv)
+        if settings.uid is not None:
+            before.append(f"--reuid={int(settings.uid)}")
+        if settings.gid is not None:
+            before.append(f"--regid={int(settings.gid)}")
+        before += ["--init-groups" if settings.user_name is not None else "--clear-groups", "--"]
+    if not script and not before and not set_listen_pid:
+        return None
+    return script + (_SHIM if set_listen_pid else 'exec "$@"'), before
+
+
+def check_settings(settings: WorkerSettings, cwd: Path | None) -> None:
+    """Refuse, before spawning, a setting that cannot be applied; naming it and the fix.
+
+    Raises:
+        SpawnError: not root for ``user``/``group``, a limit above what we may grant, a
+            ``memory`` limit (no per-worker cgroup), a missing ``working_dir``.
+    """
+    root = os.geteuid() == 0
+    if settings.switches_identity and not root:
+        raise SpawnError(
+            f"{settings.identity_setting}: handoffd runs as uid {os.geteuid()}, not as root, so "
+            "it cannot start workers as another user; run handoffd as root (it binds the "
+            "listeners, then starts the workers unprivileged), or remove program.user and "
+            "program.group"
+        )
+    if settings.memory is not None:
+        raise SpawnError(
+            f"program.memory = {settings.memory}: this handoffd cannot apply it: a memory limit "
+            "needs a cgroup per worker, which it does not create; remove program.memory and "
+            "limit the whole service instead (systemd's MemoryMax=, docker run --memory)"
+        )
+    if settings.nofile is not None:
+        _check_limit("program.nofile", resource.RLIMIT_NOFILE, settings.nofile, root)
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                nr_open = int(f.read())
+        except (OSError, ValueError):
+            nr_open = None
+        if nr_open is not None and settings.nofile > nr_open:
+            raise SpawnError(
+                f"program.nofile = {settings.nofile} is above the kernel's maximum "
+                f"(fs.nr_open = {nr_open}); lower it"
+            )
+    if settings.core is not None:
+        _check_limit("program.core", resource.RLIMIT_CORE, settings.core, root)
+    if cwd is not None and not os.path.isdir(cwd):
+        raise SpawnError(
+            f"program.working_dir = {str(cwd)!r} is not a directory; create it or fix the path"
+        )
+
+
+def _check_limit(setting: str, which: int, value: int, root: bool) -> None:
+    _, hard = resource.getrlimit(which)
+    above = hard != resource.RLIM_INFINITY and (value == resource.RLIM_INFINITY or value > hard)
+    if above and not root:
+        shown = "unlimited" if value == resource.RLIM_INFINITY else value
+        raise SpawnError(
+            f"{setting} = {shown} is above handoffd's hard limit ({hard}), which only root may "
+            "raise; lower it, or raise the limit handoffd is started with (systemd's Limit*=)"
+        )
+
+
 def describe_exit(code: int) -> str:
     """``exited with status 3`` / ``was killed by SIGKILL``, plus a hint for 126/127."""
     if code < 0:
@@ -290,18 +435,27 @@ def spawn_worker(
     set_listen_pid: bool,
     cwd: Path | None = None,
     own_process_group: bool = True,
+    settings: WorkerSettings = NO_SETTINGS,
+    stdout: int | None = None,
+    stderr: int | None = None,
 ) -> WorkerProcess:
     """Start ``command`` with ``fds`` at 3, 4, ... and return it as a pidfd-backed process.
 
     The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
     the worker also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
     the child in our process group (a successor supervisor, which must get the terminal's
-    Ctrl-C as we do).
+    Ctrl-C as we do). ``settings``: user, umask and limits (see the module notes);
+    ``stdout``/``stderr``: fds to give it as 1 and 2 (default: ours).
 
     Raises:
-        SpawnError: the command cannot be found or started.
+        SpawnError: the command cannot be found or started, or a setting cannot be applied
+            (naming it).
     """
+    check_settings(settings, cwd)
     resolve_command(command, environ, cwd)
+    environ = dict(environ)
+    if settings.nofile is not None:
+        environ.pop(NOFILE_ENV, None)
     first_free = 3 + len(fds)
     staged: list[int] = []
     try:
@@ -310,18 +464,21 @@ def spawn_worker(
         actions: list[tuple[int | str, ...]] = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
-        actions += [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(staged)]
-        nofile = NOFILE_ENV in environ
-        if set_listen_pid or cwd is not None or nofile:
-            # posix_spawn has no portable chdir or setrlimit action: the shim does them itself.
-            script = (
-                ('cd "$1" || exit 126; shift; ' if cwd is not None else "")
-                + (_NOFILE_SHIM if nofile else "")
-                + (_SHIM if set_listen_pid else 'exec "$@"')
-            )
-            argv = [_SHELL, "-c", script, "handoffd-worker"]
-            argv += [str(cwd)] if cwd is not None else []
-            argv += list(command)
+        for target, out_fd in ((1, stdout), (2, stderr)):
+            if out_fd is not None:
+                staged.append(fcntl.fcntl(out_fd, fcntl.F_DUPFD_CLOEXEC, first_free))
+                actions.append((os.POSIX_SPAWN_DUP2, staged[-1], target))
+        actions += [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(staged[: len(fds)])]
+        shim = build_shim(
+            cwd=cwd,
+            inherited_nofile=NOFILE_ENV in environ,
+            settings=settings,
+            set_listen_pid=set_listen_pid,
+        )
+        if shim is not None:
+            # posix_spawn has no portable chdir, setrlimit, umask or setuid action: the shim.
+            script, before = shim
+            argv = [_SHELL, "-c", script, "handoffd-worker", *before, *command]
             path = _SHELL
         else:
             argv = list(command)
@@ -368,6 +525,9 @@ class PidfdSpawner:
         set_listen_pid: bool,
         cwd: Path | None = None,
         own_process_group: bool = True,
+        settings: WorkerSettings = NO_SETTINGS,
+        stdout: int | None = None,
+        stderr: int | None = None,
     ) -> WorkerProcess:
         return spawn_worker(
             command,
@@ -376,6 +536,9 @@ class PidfdSpawner:
             set_listen_pid=set_listen_pid,
             cwd=cwd,
             own_process_group=own_process_group,
+            settings=settings,
+            stdout=stdout,
+            stderr=stderr,
         )
 
     def adopt(self, pid: int, pidfd: int | None = None) -> WorkerProcess:

@@ -70,6 +70,7 @@ async def run_supervisor(
     runtime = open_runtime_dir(sup.runtime_dir, control_path)
     sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
     sup.gens.notify_dir = sup.notify_dir
+    sup.gens.open_notify_dir = runtime.allow_workers
     allowed = sup.allowed_uids
     # Others than root and us can only connect if the socket file lets them (unix(7)); the
     # SO_PEERCRED check then admits exactly the allowed uids.

@@ -23,6 +23,7 @@ import trio
 
 from handoff._errors import SpawnError
 from handoff._readiness import TreeCheck
+from handoff._spawn import NO_SETTINGS, WorkerSettings
 
 _pids = itertools.count(900_001)
 
@@ -134,6 +135,9 @@ class FakeSpawner:
         set_listen_pid: bool,
         cwd: Path | None = None,
         own_process_group: bool = True,
+        settings: WorkerSettings = NO_SETTINGS,
+        stdout: int | None = None,
+        stderr: int | None = None,
     ) -> FakeProcess:
         if self.fail_with is not None:
             raise SpawnError(self.fail_with)

@@ -1,0 +1,235 @@
+"""[program] worker settings on real processes: user/group, umask, working_dir, env_file, limits.
+
+What a worker got is read from outside, in /proc (status, limits, cwd, environ), so a worker
+that lied could not make a test pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.daemon import short_tempdir, worker_command, write_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from tests.daemon import Daemon
+
+NOBODY = 65534
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0, reason="starting workers as another user needs handoffd to run as root"
+)
+NEEDS_SETPRIV = pytest.mark.skipif(
+    shutil.which("setpriv") is None, reason="setpriv(1) (util-linux) is not installed"
+)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def limit(pid: int, name: str) -> tuple[str, str]:
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith(name):
+                soft, hard = line[len(name) :].split()[:2]
+                return soft, hard
+    raise AssertionError(f"no {name!r} in /proc/{pid}/limits")
+
+
+def environ_of(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        items = f.read().decode().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
+def get(address: tuple[str, int]) -> dict[str, str]:
+    """One HTTP request; the response's headers (the test worker names its pid in them)."""
+    with socket.create_connection(address, timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    assert head[0] == "HTTP/1.1 200 OK", head
+    return {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head[1:])}
+
+
+def free_low_port() -> int:
+    """A port below 1024 nothing on 127.0.0.1 uses now (other tests share the machine)."""
+    for port in range(1023, 900, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below 1024 on 127.0.0.1")
+
+
+def open_base() -> Path:
+    """A base dir other uids may traverse (mkdtemp makes it 0700), for workers run as nobody."""
+    base = short_tempdir()
+    base.chmod(0o755)
+    return base
+
+
+@ROOT_ONLY
+@NEEDS_SETPRIV
+@pytest.mark.parametrize("delivery", ["listen_fds", "scm_rights"])
+def test_root_handoffd_binds_a_port_below_1024_and_runs_workers_as_nobody(
+    run_daemon: Callable[..., Daemon], delivery: str
+) -> None:
+    port = free_low_port()
+    command = (
+        worker_command() if delivery == "listen_fds" else [sys.executable, "-m", "handoff.demo"]
+    )
+    daemon = run_daemon(
+        env={"WORKER_MODE": "strict"},
+        base=open_base(),
+        command=command,
+        processes=2,
+        listeners=[("http", f"127.0.0.1:{port}")],
+        ready="notify" if delivery == "listen_fds" else "auto",
+        extra_program=f'user = "nobody"\nfd_delivery = "{delivery}"',
+    )
+    pids = daemon.worker_pids()
+    assert len(pids) == 2
+    for pid in pids:
+        status = proc_status(pid)
+        assert status["Uid"].split() == [str(NOBODY)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(NOBODY)] * 4, status["Gid"]
+        # initgroups(nobody): only its own groups, never root's
+        assert set(status["Groups"].split()) <= {str(NOBODY)}, status["Groups"]
+        assert status["CapEff"] == "0000000000000000"
+        env = environ_of(pid)
+        assert (env["USER"], env["HOME"]) == ("nobody", "/nonexistent")
+    assert proc_status(daemon.pid)["Uid"].split()[0] == "0"
+    served = {int(get(("127.0.0.1", port)).get("x-handoff-pid", "0")) for _ in range(20)}
+    if delivery == "listen_fds":  # the demo worker does not name its pid
+        assert served <= set(pids), (served, pids)
+    # a new generation's notify sockets are made the workers' too
+    code, reply = daemon.upgrade()
+    assert code == 0, reply
+    for pid in daemon.worker_pids(2):
+        assert proc_status(pid)["Uid"].split()[0] == str(NOBODY)
+    get(("127.0.0.1", port))
+    notify_dir = daemon.runtime_dir / "notify"
+    assert oct(notify_dir.stat().st_mode & 0o777) == "0o711"
+    for sock in notify_dir.iterdir():
+        info = sock.stat()
+        assert (info.st_uid, oct(info.st_mode & 0o777)) == (NOBODY, "0o600"), sock
+
+
+def test_umask_working_dir_env_file_and_limits_reach_the_worker(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    base = short_tempdir()
+    app = base / "app"
+    app.mkdir()
+    env_file = base / "app.env"
+    env_file.write_text(
+        "# a comment\n"
+        "PLAIN=plain value\n"
+        "export EXPORTED=yes\n"
+        "SINGLE='a $b \\n'\n"
+        'DOUBLE="tab\\tquote\\" end"\n'
+        "OVERRIDDEN=from the file\n"
+    )
+    env_file.chmod(0o600)
+    daemon = run_daemon(
+        base=base,
+        processes=1,
+        env={"WORKER_MODE": "strict"},
+        extra_program=(
+            'umask = "027"\nworking_dir = "app"\nenv_file = "app.env"\n'
+            "nofile = 777\ncore = 1048576\n[program.env]\nOVERRIDDEN = 'from the config'"
+        ),
+    )
+    (pid,) = daemon.worker_pids()
+    assert proc_status(pid)["Umask"] == "0027"
+    assert os.readlink(f"/proc/{pid}/cwd") == str(app)
+    assert limit(pid, "Max open files") == ("777", "777")
+    assert limit(pid, "Max core file size") == ("1048576", "1048576")
+    env = environ_of(pid)
+    assert env["PLAIN"] == "plain value"
+    assert env["EXPORTED"] == "yes"
+    assert env["SINGLE"] == "a $b \\n"
+    assert env["DOUBLE"] == 'tab\tquote" end'
+    assert env["OVERRIDDEN"] == "from the config"
+    assert "HANDOFF_NOFILE" not in env
+    get(daemon.address())
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ('memory = "512M"', "program.memory = 536870912: this handoffd cannot apply it"),
+        ('working_dir = "/nonexistent/app"', "program.working_dir = '/nonexistent/app' is not"),
+        ("nofile = 1000000000", "program.nofile = 1000000000 is above the kernel's maximum"),
+    ],
+)
+def test_a_setting_that_cannot_be_applied_fails_the_upgrade_naming_it(
+    run_daemon: Callable[..., Daemon], setting: str, expected: str
+) -> None:
+    daemon = run_daemon(processes=1)
+    old = daemon.worker_pids()
+    write_config(daemon.config, daemon.runtime_dir, processes=1, extra_program=setting)
+    code, reply = daemon.upgrade()
+    assert code == 1, reply
+    assert expected in json.dumps(reply), reply
+    assert daemon.worker_pids() == old  # generation 1 still serves
+    get(daemon.address())
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ('env_file = "missing.env"', "program.env_file = '"),
+        ('user = "no-such-user-here"', "no user of that name on this host"),
+        ('group = "no-such-group-here"', "no group of that name on this host"),
+    ],
+)
+def test_a_bad_setting_fails_the_upgrade_at_config_load_naming_it(
+    run_daemon: Callable[..., Daemon], setting: str, expected: str
+) -> None:
+    daemon = run_daemon(processes=1)
+    write_config(daemon.config, daemon.runtime_dir, processes=1, extra_program=setting)
+    code, reply = daemon.upgrade()
+    assert code != 0, reply
+    text = json.dumps(reply)
+    assert expected in text, reply
+    if "env_file" in setting:
+        assert "missing.env': cannot read it: No such file or directory" in text
+
+
+@ROOT_ONLY
+@NEEDS_SETPRIV
+def test_user_set_when_handoffd_is_not_root_fails_the_start_naming_the_setting() -> None:
+    from tests.daemon import Daemon, remove_tree
+
+    base = open_base()
+    os.chown(base, NOBODY, NOBODY)
+    cfg = base / "handoffd.toml"
+    write_config(cfg, base / "run", processes=1, extra_program='user = "root"')
+    daemon = Daemon(
+        cfg,
+        base / "run",
+        wrap=["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"],
+    )
+    try:
+        code = daemon.proc.wait(30)
+    finally:
+        daemon.stop()  # joins the log reader: every line is in
+        remove_tree(base)
+    assert code != 0
+    assert "program.user = 'root': handoffd runs as uid 65534, not as root" in daemon.log_text()
