@@ -233,3 +233,91 @@ def test_user_set_when_handoffd_is_not_root_fails_the_start_naming_the_setting()
         remove_tree(base)
     assert code != 0
     assert "program.user = 'root': handoffd runs as uid 65534, not as root" in daemon.log_text()
+
+
+# A worker whose child (part of its tree, holding its stdout/stderr) floods the output once the
+# test opens the FIFO it waits on; the worker itself serves as the test worker does.
+FLOODING_WORKER = """
+import os, subprocess, sys
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2], sys.argv[3]])
+os.execv(sys.executable, [sys.executable, sys.argv[4]])
+"""
+FLOOD = """
+import sys
+fifo, lines = sys.argv[1], int(sys.argv[2])
+if fifo != "-":
+    with open(fifo) as f:
+        f.read(1)
+out = sys.stdout
+for i in range(lines):
+    out.write(f"line {i} " + "x" * 100 + "\\n")
+out.write("L" * 40000 + "\\n")
+out.flush()
+sys.stderr.write("to stderr\\n")
+sys.stderr.flush()
+out.write("\\u00e9t\\u00e9 done\\n")
+"""
+FLOOD_LINES = 10_000
+
+
+def test_output_log_turns_a_flood_of_worker_lines_into_json_events_and_status_stays_fast(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    import time
+
+    from tests.daemon import WORKER
+
+    base = short_tempdir()
+    fifo = base / "go"
+    os.mkfifo(fifo)
+    daemon = run_daemon(
+        base=base,
+        processes=2,
+        env={"WORKER_MODE": "strict"},  # strict: exits if another worker's pipe leaked into it
+        command=[sys.executable, "-c", FLOODING_WORKER, FLOOD, "-", "0", WORKER],
+        extra_program='output = "log"',
+    )
+    write_config(
+        daemon.config,
+        daemon.runtime_dir,
+        processes=1,
+        command=[sys.executable, "-c", FLOODING_WORKER, FLOOD, str(fifo), str(FLOOD_LINES), WORKER],
+        extra_program='output = "log"',
+    )
+    code, reply = daemon.upgrade()
+    assert code == 0, reply
+    (pid,) = daemon.worker_pids(2)
+    mark = daemon.mark()
+    latencies: list[float] = []
+    with open(fifo, "w") as f:
+        f.write("x")
+    started = time.monotonic()
+    while not any(
+        e.get("event") == "worker.output" and e.get("line") == "été done"
+        for e in daemon.events[mark:]
+    ):
+        t0 = time.monotonic()
+        assert daemon.status()["state"] == "running"
+        latencies.append(time.monotonic() - t0)
+        assert time.monotonic() - started < 60, "the flood did not arrive within 60 s"
+    flood_s = time.monotonic() - started
+    events = [e for e in daemon.events[mark:] if e.get("event") == "worker.output"]
+    lines = [e for e in events if e["line"].startswith("line ")]
+    assert [e["line"].split()[1] for e in lines] == [str(i) for i in range(FLOOD_LINES)]
+    assert {(e["generation"], e["worker"], e["pid"], e["stream"]) for e in lines} == {
+        (2, 0, pid, "stdout")
+    }
+    (long,) = [e for e in events if e["line"].startswith("L")]
+    assert long["line"] == "L" * 16384
+    assert long["truncated"] is True
+    assert "truncated" not in lines[0]
+    (err,) = [e for e in events if e["stream"] == "stderr"]
+    assert err["line"] == "to stderr"
+    for raw in daemon.raw_lines:
+        assert isinstance(json.loads(raw), dict), raw
+    print(
+        f"\n{FLOOD_LINES} lines in {flood_s:.2f}s; status x{len(latencies)}: "
+        f"max {max(latencies) * 1000:.1f} ms, median "
+        f"{sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms"
+    )
+    assert max(latencies) < 1.0, latencies
