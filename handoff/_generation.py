@@ -51,7 +51,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
@@ -61,7 +61,7 @@ from ._errors import ConfigError, ProtocolError, SpawnError
 from ._fdname import valid_fdname
 from ._listeners import restore_flags, revive_dead
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
-from ._output import OUTPUT_FLUSH, OutputPipe, open_output_pipes, pump_output
+from ._output import OUTPUT_FLUSH, OutputPipe, open_output_pipes, pump_output, take_read_ends
 from ._processes import REAP_TIMEOUT_S, kill_and_reap
 from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
 from ._spawn import DEFAULT_SPAWNER, WorkerSettings, describe_exit
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
     from ._config import ProgramConfig
     from ._observe import ListenerKey, Verdict
+    from ._output import Stream
     from ._phases import WorkerState
     from ._processes import ProcessHandle, Spawner
     from ._readiness import ReadinessProbe
@@ -221,6 +222,9 @@ class WorkerSlot:
     # The supervisor's ends of the running worker's sockets (a self-upgrade hands them over).
     notify: NotifyReceiver | None = field(default=None, repr=False)
     channel: socket.socket | None = field(default=None, repr=False)
+    #: output = "log": the read ends the running worker's pumps hold (a self-upgrade hands
+    #: them over, or the worker would get EPIPE once we exit).
+    outputs: dict[Stream, int] = field(default_factory=dict, repr=False)
 
 
 @final
@@ -241,9 +245,12 @@ class AdoptedWorker:
     restarts: int
     last_exit: str | None
     ever_ready: bool
+    outputs: dict[Stream, int] = field(default_factory=dict)
 
     def close(self) -> None:
         """Let go of what we were handed without touching the worker (adoption was abandoned)."""
+        close_fds(list(self.outputs.values()))
+        self.outputs = {}
         if self.process is not None:
             self.process.close()
         if self.notify is not None:
@@ -354,24 +361,27 @@ class Generation:
             self.hold_failure = reason
             self.hold_lost.set()
 
-    def start_output(self, pipes: Sequence[OutputPipe], pid: int, worker: int) -> None:
-        """Pump the read ends of ``pipes`` (ours from now on) until EOF (see ``_output``)."""
-        for pipe in pipes:
-            fd, pipe.read_fd = pipe.read_fd, -1
+    def start_output(self, outputs: Mapping[Stream, int], pid: int, slot: WorkerSlot) -> None:
+        """Pump ``outputs``' read ends (ours from now on) until EOF (see ``_output``)."""
+        slot.outputs = {}
+        for stream, fd in outputs.items():
             if self._nursery is None:
                 os.close(fd)
                 continue
             done = trio.Event()
             self._pumps_done = [e for e in self._pumps_done if not e.is_set()]
             self._pumps_done.append(done)
-            self._nursery.start_soon(self._pump, fd, pipe.stream, pid, worker, done)
+            slot.outputs[stream] = fd
+            self._nursery.start_soon(self._pump, fd, stream, pid, slot, done)
 
     async def _pump(
-        self, fd: int, stream: Literal["stdout", "stderr"], pid: int, worker: int, done: trio.Event
+        self, fd: int, stream: Stream, pid: int, slot: WorkerSlot, done: trio.Event
     ) -> None:
         try:
-            await pump_output(fd, stream, pid=pid, generation=self.number, worker=worker)
+            await pump_output(fd, stream, pid=pid, generation=self.number, worker=slot.index)
         finally:
+            if slot.outputs.get(stream) == fd:
+                del slot.outputs[stream]
             done.set()
 
     async def flush_output(self) -> None:
@@ -498,6 +508,7 @@ async def run_adopted_generation(
     gen = Generation(spec, parked)
     by_index = {w.index: w for w in workers}
     adopted: list[WorkerSlot] = []
+    by_slot_outputs: dict[int, dict[Stream, int]] = {}
     for slot in gen.slots:
         w = by_index.pop(slot.index, None)
         if w is None:
@@ -506,6 +517,7 @@ async def run_adopted_generation(
         slot.last_exit, slot.ever_ready = w.last_exit, w.ever_ready
         if w.process is not None and w.notify is not None:
             slot.process, slot.notify, slot.channel = w.process, w.notify, w.channel
+            by_slot_outputs[slot.index], w.outputs = w.outputs, {}
             adopted.append(slot)
         else:
             w.close()
@@ -519,6 +531,10 @@ async def run_adopted_generation(
         try:
             async with trio.open_nursery() as nursery:
                 gen._nursery = nursery
+                for slot in adopted:
+                    outputs = by_slot_outputs.pop(slot.index, {})
+                    if slot.process is not None:
+                        gen.start_output(outputs, slot.process.pid, slot)
                 for slot in gen.slots:
                     if slot in adopted or not draining:
                         nursery.start_soon(_run_slot, gen, slot, slot in adopted)
@@ -716,7 +732,7 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
         raise
     for pipe in pipes:
         pipe.close_write()
-    gen.start_output(pipes, proc.pid, slot.index)
+    gen.start_output(take_read_ends(pipes), proc.pid, slot)
     slot.process = proc
     slot.state = "starting"
     slot.notified = slot.ready_sent = slot.accepting = slot.epoll_ready = False

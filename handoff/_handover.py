@@ -102,6 +102,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from ._generation import Generation
+    from ._output import Stream
     from ._passing import Received
     from ._processes import ProcessHandle
     from ._tickets import UpgradeQueue, UpgradeTicket
@@ -141,6 +142,9 @@ class HandedWorker(_Model):
     notify: str | None = None
     notify_path: str | None = None
     channel: str | None = None
+    #: output = "log": the read ends of its stdout/stderr pipes (the pumps go on here).
+    stdout: str | None = None
+    stderr: str | None = None
 
 
 class HandedGeneration(_Model):
@@ -328,6 +332,12 @@ def snapshot(view: SupervisorView) -> tuple[SupervisorState, list[tuple[str, int
                     notify_path=receiver.path if live and receiver is not None else None,
                     channel=key(f"{tag}:channel", slot.channel.fileno())
                     if live and slot.channel is not None
+                    else None,
+                    stdout=key(f"{tag}:stdout", slot.outputs["stdout"])
+                    if live and "stdout" in slot.outputs
+                    else None,
+                    stderr=key(f"{tag}:stderr", slot.outputs["stderr"])
+                    if live and "stderr" in slot.outputs
                     else None,
                 )
             )
@@ -996,6 +1006,7 @@ def _adopt(hw: HandedWorker, take: Callable[[str | None], int]) -> AdoptedWorker
     process: ProcessHandle | None = None
     receiver: NotifyReceiver | None = None
     channel: socket.socket | None = None
+    outputs: dict[Stream, int] = {}
     if hw.pid is not None:
         with ExitStack() as cleanup_on_fail:
             if hw.notify_path is None:
@@ -1007,6 +1018,15 @@ def _adopt(hw: HandedWorker, take: Callable[[str | None], int]) -> AdoptedWorker
             receiver = NotifyReceiver(path=hw.notify_path, sock=trio.socket.from_stdlib_socket(raw))
             if hw.channel is not None:
                 channel = _socket_from(take(hw.channel))
+                cleanup_on_fail.callback(channel.close)
+            streams: tuple[tuple[Stream, str | None], ...] = (
+                ("stdout", hw.stdout),
+                ("stderr", hw.stderr),
+            )
+            for stream, name in streams:
+                if name is not None:
+                    outputs[stream] = take(name)
+                    cleanup_on_fail.callback(os.close, outputs[stream])
             cleanup_on_fail.pop_all()
     return AdoptedWorker(
         index=hw.index,
@@ -1018,6 +1038,7 @@ def _adopt(hw: HandedWorker, take: Callable[[str | None], int]) -> AdoptedWorker
         restarts=hw.restarts,
         last_exit=hw.last_exit,
         ever_ready=hw.ever_ready,
+        outputs=outputs,
     )
 
 

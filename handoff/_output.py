@@ -29,7 +29,6 @@ Design notes:
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, final
@@ -38,7 +37,7 @@ import structlog
 import trio
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Sequence
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -92,6 +91,14 @@ def open_output_pipes() -> tuple[OutputPipe, OutputPipe]:
             pipe.close()
         raise
     return pipes[0], pipes[1]
+
+
+def take_read_ends(pipes: Sequence[OutputPipe]) -> dict[Stream, int]:
+    """The read ends by stream; the caller owns them from now on (``pipes`` forget them)."""
+    taken: dict[Stream, int] = {}
+    for pipe in pipes:
+        taken[pipe.stream], pipe.read_fd = pipe.read_fd, -1
+    return taken
 
 
 @final
@@ -153,29 +160,35 @@ async def pump_output(
     pid: int,
     generation: int,
     worker: int,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Log every line read from ``read_fd`` until EOF; owns ``read_fd`` and closes it.
 
     Cancelled (its generation is gone), it logs the lines already read before closing.
     """
-    pipe = trio.lowlevel.FdStream(read_fd)
+    # Not trio's FdStream: closing it puts back the blocking mode it found, and O_NONBLOCK lives
+    # on the open file description, which a self-upgrade shares with the successor's pump: it
+    # would block the successor's event loop in read(2). Non-blocking it stays.
+    os.set_blocking(read_fd, False)
     splitter = LineSplitter()
     pending: list[tuple[bytes, bool]] = []
-    task_status.started()
     try:
-        while data := await pipe.receive_some(_READ_MAX):
+        while True:
+            try:
+                data = os.read(read_fd, _READ_MAX)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(read_fd)
+                continue
+            if not data:
+                break
             pending = list(splitter.feed(data))
             while pending:
                 for line, truncated in pending[:_LINES_PER_TURN]:
                     _emit(line, truncated, stream, pid, generation, worker)
                 del pending[:_LINES_PER_TURN]
                 await trio.lowlevel.checkpoint()
-        pending = list(splitter.flush())
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
+            await trio.lowlevel.checkpoint()
     finally:
         for line, truncated in [*pending, *splitter.flush()]:
             _emit(line, truncated, stream, pid, generation, worker)
-        with contextlib.suppress(OSError):
-            pipe.close()
+        trio.lowlevel.notify_closing(read_fd)
+        os.close(read_fd)

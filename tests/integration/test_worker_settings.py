@@ -301,6 +301,8 @@ def test_output_log_turns_a_flood_of_worker_lines_into_json_events_and_status_st
         latencies.append(time.monotonic() - t0)
         assert time.monotonic() - started < 60, "the flood did not arrive within 60 s"
     flood_s = time.monotonic() - started
+    # its own pipe: it may be logged after stdout's last line
+    daemon.wait_event("worker.output", where=lambda e: e["stream"] == "stderr", start=mark)
     events = [e for e in daemon.events[mark:] if e.get("event") == "worker.output"]
     lines = [e for e in events if e["line"].startswith("line ")]
     assert [e["line"].split()[1] for e in lines] == [str(i) for i in range(FLOOD_LINES)]
@@ -321,3 +323,35 @@ def test_output_log_turns_a_flood_of_worker_lines_into_json_events_and_status_st
         f"{sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms"
     )
     assert max(latencies) < 1.0, latencies
+
+
+def test_output_log_pipes_survive_a_self_upgrade(run_daemon: Callable[..., Daemon]) -> None:
+    from tests.daemon import WORKER
+
+    base = short_tempdir()
+    fifo = base / "go"
+    os.mkfifo(fifo)
+    daemon = run_daemon(
+        base=base,
+        processes=1,
+        command=[sys.executable, "-c", FLOODING_WORKER, FLOOD, str(fifo), "3", WORKER],
+        extra_program='output = "log"',
+    )
+    (pid,) = daemon.worker_pids()
+    old = daemon.pid
+    code, reply = daemon.self_upgrade()
+    assert code == 0, reply
+    assert daemon.pid != old
+    mark = daemon.mark()
+    with open(fifo, "w") as f:  # the worker's child writes only now, to the new supervisor
+        f.write("x")
+    done = daemon.wait_event("worker.output", where=lambda e: e["line"] == "été done", start=mark)
+    assert (done["pid"], done["generation"], done["worker"]) == (pid, 1, 0)
+    # stdout and stderr are two pipes, pumped apart: only each stream keeps its order
+    lines = [
+        e["line"]
+        for e in daemon.events[mark:]
+        if e.get("event") == "worker.output" and e["stream"] == "stdout"
+    ]
+    assert lines[:3] == ["line 0 " + "x" * 100, "line 1 " + "x" * 100, "line 2 " + "x" * 100]
+    assert daemon.worker_pids() == [pid]
