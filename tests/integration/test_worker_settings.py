@@ -260,28 +260,38 @@ out.write("\\u00e9t\\u00e9 done\\n")
 FLOOD_LINES = 10_000
 
 
+def flooding(fifo: str, lines: int) -> list[str]:
+    """The worker command: its child waits for ``fifo`` to open ("-": no wait), prints ``lines``."""
+    from tests.daemon import WORKER
+
+    return [sys.executable, "-c", FLOODING_WORKER, FLOOD, fifo, str(lines), WORKER]
+
+
+def fifo_in(base: Path) -> Path:
+    fifo = base / "go"
+    os.mkfifo(fifo)
+    return fifo
+
+
 def test_output_log_turns_a_flood_of_worker_lines_into_json_events_and_status_stays_fast(
     run_daemon: Callable[..., Daemon],
 ) -> None:
     import time
 
-    from tests.daemon import WORKER
-
     base = short_tempdir()
-    fifo = base / "go"
-    os.mkfifo(fifo)
+    fifo = fifo_in(base)
     daemon = run_daemon(
         base=base,
         processes=2,
         env={"WORKER_MODE": "strict"},  # strict: exits if another worker's pipe leaked into it
-        command=[sys.executable, "-c", FLOODING_WORKER, FLOOD, "-", "0", WORKER],
+        command=flooding("-", 0),
         extra_program='output = "log"',
     )
     write_config(
         daemon.config,
         daemon.runtime_dir,
         processes=1,
-        command=[sys.executable, "-c", FLOODING_WORKER, FLOOD, str(fifo), str(FLOOD_LINES), WORKER],
+        command=flooding(str(fifo), FLOOD_LINES),
         extra_program='output = "log"',
     )
     code, reply = daemon.upgrade()
@@ -326,16 +336,10 @@ def test_output_log_turns_a_flood_of_worker_lines_into_json_events_and_status_st
 
 
 def test_output_log_pipes_survive_a_self_upgrade(run_daemon: Callable[..., Daemon]) -> None:
-    from tests.daemon import WORKER
-
     base = short_tempdir()
-    fifo = base / "go"
-    os.mkfifo(fifo)
+    fifo = fifo_in(base)
     daemon = run_daemon(
-        base=base,
-        processes=1,
-        command=[sys.executable, "-c", FLOODING_WORKER, FLOOD, str(fifo), "3", WORKER],
-        extra_program='output = "log"',
+        base=base, processes=1, command=flooding(str(fifo), 3), extra_program='output = "log"'
     )
     (pid,) = daemon.worker_pids()
     old = daemon.pid
