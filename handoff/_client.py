@@ -12,6 +12,7 @@ import socket
 from typing import TYPE_CHECKING, Final
 
 from ._errors import DaemonUnreachableError, ProtocolError
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -39,7 +40,7 @@ def call(
         DaemonUnreachableError: nothing answers at ``path``.
         ProtocolError: the daemon answered something that is not a reply.
     """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         try:

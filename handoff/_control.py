@@ -1,7 +1,7 @@
 """The control socket: newline-delimited JSON requests and replies, server and client.
 
 Design notes:
-- A Unix stream socket, mode 0600, whose peers are checked with SO_PEERCRED against root, our
+- A Unix stream socket, mode 0600, whose peers are checked (``_peercred``: SO_PEERCRED, getpeereid) against root, our
   own uid and ``supervisor.allowed_uids``. The socket is bound under a temporary name and renamed
   into place, so a client never sees a half-set-up socket and a successor supervisor can take
   the path over atomically.
@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import socket
-import struct
 from typing import TYPE_CHECKING, Annotated, Final, Literal, Protocol
 
 import structlog
@@ -27,6 +26,8 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import _client
+from ._peercred import peer_uid
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -119,6 +120,8 @@ class StatusInfo(_Wire):
     parked: list[str] = Field(default_factory=list)
     draining_generations: list[int] = Field(default_factory=list)
     last_upgrade: UpgradeReply | None = None
+    #: What this platform lacks, "what: why" (see _platform.degradations); empty on new Linux.
+    degraded: list[str] = Field(default_factory=list)
 
 
 class StopReply(_Wire):
@@ -162,7 +165,7 @@ def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -174,12 +177,6 @@ def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def peer_uid(sock: trio.socket.SocketType) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 # accept(2) errors that mean "out of a resource right now" (as trio's ACCEPT_CAPACITY_ERRNOS):

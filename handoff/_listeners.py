@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, final
 import structlog
 
 from ._errors import ListenerError
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -101,7 +102,7 @@ def bind_listener(config: ListenerConfig) -> Listener:
     """
     addr = config.parsed_address
     where = f"listener {config.name!r} ({config.address})"
-    sock = socket.socket(_family_of(addr), _KIND_TYPE[addr.kind] | socket.SOCK_CLOEXEC)
+    sock = socket.socket(_family_of(addr), _KIND_TYPE[addr.kind] | SOCK_CLOEXEC)
     lock_fd: int | None = None
     try:
         if addr.is_unix:

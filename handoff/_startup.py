@@ -24,13 +24,15 @@ import trio
 from . import _client
 from ._config import control_socket_path
 from ._control import UpgradeRequest, bind_control_socket, serve_control
-from ._errors import HandoffError, ListenerError
+from ._errors import ConfigError, HandoffError, ListenerError
 from ._generation import notify_dir_ok
 from ._held import open_listeners
 from ._memory import release_after_startup
 from ._paths import HANDOVER_FD_ENV
 from ._pidfile import remove_pid_file, write_pid_file_or_fail
-from ._spawn import DEFAULT_SPAWNER, unreaped_children
+from ._platform import record as record_degradations
+from ._portable import owns_sigchld, select_spawner
+from ._spawn import unreaped_children
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -49,14 +51,20 @@ async def run_supervisor(
     loaded: LoadedConfig,
     environ: Mapping[str, str],
     *,
-    spawner: Spawner = DEFAULT_SPAWNER,
+    spawner: Spawner | None = None,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run handoffd until stopped: listeners, control socket, generation 1, upgrades.
 
+    ``spawner`` defaults to the one this kernel supports (``_portable.select_spawner``:
+    pidfds, else kqueue, else SIGCHLD + waitid; ``HANDOFF_PLATFORM=portable`` forces the
+    portable one).
+
     Raises:
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
+    if spawner is None:
+        spawner = _platform_spawner(environ)
     handover_fd = environ.get(HANDOVER_FD_ENV)
     if handover_fd is not None:
         environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
@@ -74,7 +82,7 @@ async def run_supervisor(
         # The allowed users must be able to reach the socket: traverse, but not list or write.
         os.chmod(sup.runtime_dir, 0o711)
     signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
-    if os.getpid() == 1:
+    if os.getpid() == 1 and not owns_sigchld(spawner):
         signals_wanted.append(signal.SIGCHLD)
     handover: Handover | None = None
     control: socket.socket | None = None
@@ -118,6 +126,23 @@ async def run_supervisor(
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
 
 
+def _platform_spawner(environ: Mapping[str, str]) -> Spawner:
+    """Choose the process watcher for this kernel; log and record each degradation once.
+
+    Raises:
+        ConfigError: ``HANDOFF_PLATFORM`` has an unknown value.
+    """
+    try:
+        # As PID 1 the portable reaper owns SIGCHLD, so it reaps the orphans too.
+        spawner, degraded = select_spawner(environ, reap_orphans=os.getpid() == 1)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    record_degradations(degraded)
+    for each in degraded:
+        log.warning("platform.degraded", what=each.what, why=each.why)
+    return spawner
+
+
 async def _run_until_stopped(
     sup: Supervisor,
     handover: Handover | None,
@@ -137,7 +162,9 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     from ._handover import Handover
 
     supervisor = sup.loaded.config.supervisor
-    handover = await Handover.receive(handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout)
+    handover = await Handover.receive(
+        handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout, sup.gens.spawner
+    )
     claimed = handover.claim()
     sup.held.systemd = sup.systemd = claimed.systemd
     sup.held.adopt(claimed.listeners)

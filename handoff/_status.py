@@ -6,6 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from ._control import ListenerInfo, StatusInfo, WorkerInfo
+from ._platform import recorded
 from ._version import version
 
 if TYPE_CHECKING:
@@ -75,4 +76,5 @@ def status_info(
         parked=[name for name, _ in parked],
         draining_generations=[g.number for g in generations if g is not current],
         last_upgrade=last_upgrade,
+        degraded=[d.text() for d in recorded()],
     )

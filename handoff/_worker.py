@@ -46,6 +46,7 @@ from ._errors import ListenerError, ProtocolError
 from ._launchd import launchd_sockets
 from ._notify import notify
 from ._passing import get_blocking
+from ._platform import SOCK_CLOEXEC
 from ._systemd import parse_listen_fds
 
 if TYPE_CHECKING:
@@ -257,14 +258,14 @@ def _find_inherited(address: Address) -> socket.socket | None:
 def _bind(address: Address) -> socket.socket:
     if address.is_unix:
         kind = socket.SOCK_STREAM if address.kind == "unix" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, kind | SOCK_CLOEXEC)
         target: str | bytes | tuple[str, int] = (
             b"\0" + os.fsencode(address.path[1:]) if address.is_abstract else address.path
         )
     else:
         kind = socket.SOCK_STREAM if address.kind == "tcp" else socket.SOCK_DGRAM
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, kind | SOCK_CLOEXEC)
         target = (address.host, address.port)
     try:
         if address.kind == "tcp":

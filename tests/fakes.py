@@ -99,6 +99,7 @@ class FakeSpawner:
     """A ``Spawner`` whose processes are ``FakeProcess``es; ``behaviour`` runs on each spawn."""
 
     behaviour: Behaviour = ready_at_once
+    handover_refusal: str | None = None
     processes: list[FakeProcess] = field(default_factory=list)
     fail_with: str | None = None
     _spawns: tuple[trio.MemorySendChannel[FakeProcess], trio.MemoryReceiveChannel[FakeProcess]] = (
