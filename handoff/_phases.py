@@ -38,6 +38,9 @@ Phase = Literal[
     "stopping",
 ]
 
+#: A worker slot's state, as ``handoffd status`` shows it.
+WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
+
 TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     "starting": frozenset({"running", "stopping"}),
     "running": frozenset({"spawning", "self-upgrading", "stopping"}),

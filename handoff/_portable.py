@@ -8,9 +8,9 @@ pidfd spawner does (``_spawn.start_process``) and watches them in one of two way
   It watches any process by pid, so it also watches workers adopted after a self-upgrade.
   A child is reaped with a blocking ``waitpid`` after NOTE_EXIT: on macOS kqueue may report the
   exit a moment before ``waitpid(WNOHANG)`` can reap it (trio's note in ``_subprocess.py``).
-- **waitid** (any other POSIX kernel, Linux before 5.4, or ``HANDOFF_PLATFORM=portable``): one
-  reaper task, woken by SIGCHLD, calls ``waitid(P_PID, pid, WEXITED|WNOHANG)`` for each child
-  it registered and sets that child's ``trio.Event``. It waits only for the pids it registered,
+- **waitid** (any other POSIX kernel, Linux before 5.4, or ``HANDOFF_PLATFORM=portable``): the
+  reaper (``ChildReaper.sweep``, run on every SIGCHLD by handoffd's one signal task) calls
+  ``waitid(P_PID, pid, WEXITED|WNOHANG)`` for each child it registered and sets that child's ``trio.Event``. It waits only for the pids it registered,
   so it never steals a status another wait owns. A process that is not our child cannot be
   watched this way: ``adopt`` refuses, and so does a self-upgrade (``handover_refusal``).
 
@@ -21,25 +21,19 @@ parent, or init/launchd once that parent exited): between its exit and our NOTE_
 could in principle be reused. macOS cycles pids up to 99,999, so that needs a full wrap of the pid
 space within the event loop's latency; stated here rather than hidden.
 
-Without a child subreaper (outside Linux), a worker's own children that outlive it are re-parented
-to init/launchd. Workers lead their own process group, so ``kill()`` SIGKILLs the worker's whole
-group (the pgid is the unreaped worker's pid, reserved just as its pid is), and the SIGKILL that
-ends a drain reaches the worker's children too.
+A worker's tree is handled as with pidfds (``_spawn.signal_group`` and friends): it leads its
+own process group, and ``signal_group`` signals the group only while its id cannot name another
+group. Without a child subreaper (outside Linux) a worker's own children that outlive it go to
+init/launchd; they keep the group id, so a group signal sent while the worker lives reaches them.
 
-Reaping, one story per process:
-- pidfds: each ``WorkerProcess`` reaps its own child through its pidfd; as PID 1, ``_startup``'s
-  SIGCHLD handler reaps every other child (``_spawn.unreaped_children`` are skipped).
-- waitid: the reaper here owns SIGCHLD. It reaps the pids it registered and, when built with
-  ``reap_orphans=True`` (PID 1, or a child subreaper), every other child too; ``_startup`` then
-  opens no SIGCHLD receiver of its own (trio delivers a signal to one receiver only).
-- kqueue: each process is waited for on its own; there is no orphan reaping (macOS has no
-  subreaper, and handoffd is never PID 1 there).
-
-The reaper is a trio *system task*, started by the first spawn: the spawner is built before any
-nursery exists (it is a value in ``GenerationSpec``), and it must hear every SIGCHLD from the
-first spawn on. It opens its signal receiver and then sweeps once, so a child that exited before
-the receiver existed is still reaped. It never raises (a system task's exception would crash the
-run): a failing ``waitid`` is logged and the child is treated as gone.
+Reaping, one story per process: every worker pid whose status a watcher owns is in
+``_spawn``'s tracked set (``track_child``), and ``_spawn.reap_orphans`` (on every SIGCHLD, in
+``_startup``) reaps only the other children. ``_startup``'s signal task is the one SIGCHLD
+receiver: on each SIGCHLD it first calls ``reap_children(spawner)``, which sweeps the waitid
+watcher's children (``waitid`` per tracked pid) and sets their Events, then reaps orphans. A
+second receiver would steal the signal (trio delivers it to the newest one only). Code that runs
+a ``PortableSpawner`` without ``_startup`` (tests) runs ``ChildReaper.run`` in a nursery instead. The
+kqueue watcher needs no reaper: each wait reaps its own child (tracked all the same).
 """
 
 from __future__ import annotations
@@ -55,7 +49,16 @@ import trio
 
 from . import _platform
 from ._errors import ProtocolError
-from ._spawn import DEFAULT_SPAWNER, deliver_signal, start_process
+from ._spawn import (
+    DEFAULT_SPAWNER,
+    deliver_signal,
+    group_roots,
+    signal_group,
+    start_process,
+    track_child,
+    untrack_child,
+    wait_group_exited,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
@@ -78,8 +81,6 @@ class PortableProcess:
 
     pid: int
     is_child: bool
-    #: Whether it leads its own process group (pgid == pid): ``kill()`` then ends the group.
-    leads_group: bool
     returncode: int | None = None
     #: Never a pidfd here: nothing to hand over as an fd (the successor watches by pid).
     pidfd: int = -1
@@ -96,6 +97,7 @@ class PortableProcess:
             await _wait_kqueue_exit(self.pid)
             if self.returncode is None:  # nobody else finished it meanwhile
                 self.returncode = _reap_blocking(self.pid) if self.is_child else _UNKNOWN_CODE
+                untrack_child(self.pid)
         assert self.returncode is not None
         return self.returncode
 
@@ -106,12 +108,16 @@ class PortableProcess:
         deliver_signal(self.pid, sig, lambda: os.kill(self.pid, sig))
 
     def kill(self) -> None:
-        """SIGKILL it, and its process group when it leads one (see the module notes)."""
-        if self.returncode is not None:
-            return
-        if self.leads_group:
-            deliver_signal(self.pid, signal.SIGKILL, lambda: os.killpg(self.pid, signal.SIGKILL))
         self.send_signal(signal.SIGKILL)
+
+    def signal_group(self, sig: int) -> None:
+        signal_group(self, sig)
+
+    def group_roots(self) -> list[int]:
+        return group_roots(self)
+
+    async def wait_group_exited(self) -> None:
+        await wait_group_exited(self)
 
     def close(self) -> None:
         """Nothing is held per process (no fd): letting go is forgetting."""
@@ -119,72 +125,53 @@ class PortableProcess:
 
 @final
 class ChildReaper:
-    """The one SIGCHLD-driven task that reaps our children and wakes their waiters."""
+    """Reaps the waitid watcher's children on SIGCHLD and wakes their waiters."""
 
-    def __init__(self, *, reap_orphans: bool = False) -> None:
-        #: Also reap children nobody registered (PID 1 or a child subreaper adopts orphans).
-        self.reap_orphans = reap_orphans
+    def __init__(self) -> None:
         self._children: dict[int, PortableProcess] = {}
-        self._started = False
 
     def unreaped(self) -> frozenset[int]:
-        """Pids registered and not yet reaped: an orphan reaper elsewhere must skip these."""
+        """Pids registered and not yet reaped."""
         return frozenset(self._children)
 
     def register(self, process: PortableProcess) -> None:
         """Watch a child we just started (before any checkpoint: its SIGCHLD is not lost)."""
         process.exited = trio.Event()
         self._children[process.pid] = process
-        if not self._started:
-            self._started = True
-            trio.lowlevel.spawn_system_task(self._run, name="handoff.reaper")
-
-    async def _run(self) -> None:
-        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
-            self.sweep()
-            async for _ in signals:
-                self.sweep()
+        track_child(process.pid)
 
     def sweep(self) -> None:
-        """Reap every registered child that has exited (and orphans, with ``reap_orphans``)."""
+        """Reap every registered child that has exited; never another pid (sync: atomic)."""
         for pid in list(self._children):
             try:
                 code = _reap_nowait(pid)
             except ChildProcessError:
-                # Someone reaped it behind our back (a waitpid(-1) elsewhere): status lost.
+                # Reaped behind our back (a waitpid(-1) elsewhere): its status is lost.
                 log.warning("worker.reaped_elsewhere", pid=pid)
                 code = _UNKNOWN_CODE
             if code is not None:
-                self._finish(pid, code)
-        if self.reap_orphans:
-            self._reap_orphans()
+                process = self._children.pop(pid)
+                untrack_child(pid)
+                process.returncode = code
+                assert process.exited is not None
+                process.exited.set()
 
-    def _finish(self, pid: int, code: int) -> None:
-        process = self._children.pop(pid)
-        process.returncode = code
-        assert process.exited is not None
-        process.exited.set()
-
-    def _reap_orphans(self) -> None:
-        while (pid := _next_exited_child()) is not None:
-            if pid in self._children:
-                code = _reap_nowait(pid)
-                if code is not None:
-                    self._finish(pid, code)
-            else:
-                try:
-                    os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    return
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep on every SIGCHLD until cancelled, for a spawner used without ``_startup``."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
+            task_status.started()
+            self.sweep()
+            async for _ in signals:
+                self.sweep()
 
 
 @final
 class PortableSpawner:
     """A ``Spawner`` without pidfds (see the module notes for the two watchers)."""
 
-    def __init__(self, watcher: PortableWatcher, *, reap_orphans: bool = False) -> None:
+    def __init__(self, watcher: PortableWatcher) -> None:
         self.watcher: PortableWatcher = watcher
-        self.reaper = ChildReaper(reap_orphans=reap_orphans)
+        self.reaper = ChildReaper()
         #: Why a self-upgrade cannot hand our workers over here (None: it can).
         self.handover_refusal: str | None = _platform.self_upgrade_refusal(watcher)
 
@@ -206,9 +193,11 @@ class PortableSpawner:
             cwd=cwd,
             own_process_group=own_process_group,
         )
-        process = PortableProcess(pid=pid, is_child=True, leads_group=own_process_group)
+        process = PortableProcess(pid=pid, is_child=True)
         if self.watcher == "waitid":
             self.reaper.register(process)
+        else:
+            track_child(pid)
         return process
 
     def adopt(self, pid: int, pidfd: int | None = None) -> PortableProcess:
@@ -226,15 +215,11 @@ class PortableSpawner:
                 f"{_platform.self_upgrade_refusal('waitid') or 'not a child'}"
             )
         os.kill(pid, 0)  # ProcessLookupError if it is gone; PermissionError: alive, another uid
-        try:
-            leads_group = os.getpgid(pid) == pid
-        except OSError:
-            leads_group = False
-        return PortableProcess(pid=pid, is_child=False, leads_group=leads_group)
+        return PortableProcess(pid=pid, is_child=False)
 
 
 def select_spawner(
-    environ: Mapping[str, str], *, reap_orphans: bool = False
+    environ: Mapping[str, str],
 ) -> tuple[Spawner, list[_platform.Degradation]]:
     """The spawner for this kernel (pidfds, else kqueue, else waitid) and what degrades.
 
@@ -244,17 +229,14 @@ def select_spawner(
         ValueError: ``HANDOFF_PLATFORM`` has an unknown value (the message names the choices).
     """
     watcher, why = _platform.choose_watcher(environ)
-    spawner: Spawner = (
-        DEFAULT_SPAWNER
-        if watcher == "pidfd"
-        else PortableSpawner(watcher, reap_orphans=reap_orphans)
-    )
+    spawner: Spawner = DEFAULT_SPAWNER if watcher == "pidfd" else PortableSpawner(watcher)
     return spawner, _platform.degradations(watcher, why)
 
 
-def owns_sigchld(spawner: Spawner) -> bool:
-    """Whether ``spawner`` reaps through SIGCHLD itself (then nobody else may receive it)."""
-    return isinstance(spawner, PortableSpawner) and spawner.watcher == "waitid"
+def reap_children(spawner: Spawner) -> None:
+    """On SIGCHLD: let a waitid watcher reap its children (a no-op for the others)."""
+    if isinstance(spawner, PortableSpawner) and spawner.watcher == "waitid":
+        spawner.reaper.sweep()
 
 
 # ---- the platform calls, each behind a sys.platform guard (mypy checks both sides) ----
@@ -274,20 +256,6 @@ def _reap_nowait(pid: int) -> int | None:
         if info is None or info.si_pid == 0:
             return None
         return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-
-
-def _next_exited_child() -> int | None:
-    """The pid of some exited child, left unreaped (``WNOWAIT``); None if there is none."""
-    if sys.platform == "darwin":
-        return None  # no waitid on macOS; and no orphans to reap there (see the module notes)
-    else:
-        try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return None
-        if info is None or info.si_pid == 0:
-            return None
-        return int(info.si_pid)
 
 
 def _reap_blocking(pid: int) -> int:

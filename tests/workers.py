@@ -8,12 +8,16 @@ Modes:
 - ``exit``: exits 1 at once (a broken new version).
 - ``never_ready``: serves but never sends READY=1.
 - ``ignore_term``: serves, but ignores SIGTERM (must be SIGKILLed after drain_timeout).
+- ``shutdown_on_term``: serves; when told to drain, calls shutdown(SHUT_RDWR) on its inherited
+  listeners before closing them (which stops them listening for every holder: a common way to
+  "stop accepting" that is wrong for a shared socket).
 - ``strict``: first checks exactly what libsystemd's sd_listen_fds(3) checks, and exits 3 with
   the reason on stderr if anything is off; then serves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -65,7 +69,7 @@ def sd_listen_fds_strict() -> list[int]:
     return list(range(3, 3 + n))
 
 
-def serve(fds: list[int], ignore_term: bool, announce: bool) -> None:
+def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = False) -> None:
     gen = os.environ.get("HANDOFF_GENERATION", "0")
     pid = os.getpid()
     body = f"generation {gen} pid {pid}\n".encode()
@@ -98,6 +102,9 @@ def serve(fds: list[int], ignore_term: bool, announce: bool) -> None:
         if draining and listeners:
             for s in listeners:
                 sel.unregister(s)
+                if shutdown:
+                    with contextlib.suppress(OSError):  # ENOTCONN: another worker did it first
+                        s.shutdown(socket.SHUT_RDWR)
                 s.close()
             listeners = []
         if draining and not buffers:
@@ -158,7 +165,12 @@ def main() -> None:
         fds = sd_listen_fds_strict()
     else:
         fds = list(range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))))
-    serve(fds, ignore_term=mode == "ignore_term", announce=mode != "never_ready")
+    serve(
+        fds,
+        ignore_term=mode == "ignore_term",
+        announce=mode != "never_ready",
+        shutdown=mode == "shutdown_on_term",
+    )
 
 
 if __name__ == "__main__":

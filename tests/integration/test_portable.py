@@ -21,8 +21,8 @@ from bench.strict_client import LoadClient, request_once
 from handoff import _platform
 from handoff._errors import ProtocolError
 from handoff._peercred import peer_pid, peer_uid
-from handoff._portable import ChildReaper, PortableSpawner, select_spawner
-from handoff._spawn import DEFAULT_SPAWNER, start_process
+from handoff._portable import PortableSpawner, reap_children, select_spawner
+from handoff._spawn import DEFAULT_SPAWNER, reap_orphans, start_process, unreaped_children
 from tests.daemon import REPO, Daemon, pid_alive, wait_until, write_config
 
 if TYPE_CHECKING:
@@ -144,8 +144,9 @@ def _sh(script: str) -> tuple[list[str], dict[str, str]]:
     return ["/bin/sh", "-c", script], {"PATH": os.defpath}
 
 
-async def test_waitid_watcher_reports_exit_codes_and_signals() -> None:
+async def test_waitid_watcher_reports_exit_codes_and_signals(nursery: trio.Nursery) -> None:
     spawner = PortableSpawner("waitid")
+    await nursery.start(spawner.reaper.run)
     command, env = _sh("exit 3")
     exits = spawner.spawn(command, environ=env, fds=[], set_listen_pid=False)
     command, env = _sh("exec sleep 30")
@@ -161,9 +162,10 @@ async def test_waitid_watcher_reports_exit_codes_and_signals() -> None:
     sleeper.send_signal(signal.SIGTERM)
 
 
-async def test_waitid_kill_reaches_the_workers_process_group() -> None:
-    """Without a subreaper elsewhere, a worker's children die with it when it is SIGKILLed."""
+async def test_waitid_group_sigkill_reaches_the_workers_children(nursery: trio.Nursery) -> None:
+    """The drain's SIGKILL goes to the worker's process group: its children die with it."""
     spawner = PortableSpawner("waitid")
+    await nursery.start(spawner.reaper.run)
     read_end, write_end = os.pipe()
     command, env = _sh("sleep 30 3>&- & echo $! >&3; exec 3>&-; wait")
     try:
@@ -172,16 +174,20 @@ async def test_waitid_kill_reaches_the_workers_process_group() -> None:
         os.close(write_end)
     async with trio.lowlevel.FdStream(read_end) as pipe:
         grandchild = int(await pipe.receive_some(64))
-    worker.kill()
+    assert worker.group_roots() == [worker.pid]
+    worker.signal_group(signal.SIGKILL)
     with trio.fail_after(10):
         assert await worker.wait() == -signal.SIGKILL
     wait_until(lambda: not pid_alive(grandchild), 10, f"grandchild {grandchild} to be killed")
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfd_open to watch alongside")
-async def test_waitid_reaper_never_steals_a_status_another_watcher_owns() -> None:
+async def test_waitid_reaper_never_steals_a_status_another_watcher_owns(
+    nursery: trio.Nursery,
+) -> None:
     """A pidfd-watched child and an unregistered child keep their statuses through SIGCHLDs."""
     spawner = PortableSpawner("waitid")
+    await nursery.start(spawner.reaper.run)
     command, env = _sh("exit 5")
     pidfd_child = DEFAULT_SPAWNER.spawn(command, environ=env, fds=[], set_listen_pid=False)
     command, env = _sh("exit 6")
@@ -202,14 +208,16 @@ async def test_waitid_reaper_never_steals_a_status_another_watcher_owns() -> Non
     assert os.waitstatus_to_exitcode(status) == 6
 
 
-def test_reaper_with_reap_orphans_reaps_children_nobody_registered() -> None:
-    reaper = ChildReaper(reap_orphans=True)
-    command, env = _sh("exit 0")
-    orphan = start_process(command, environ=env, fds=[], set_listen_pid=False)
-    wait_until(lambda: not pid_alive(orphan), 10, "the orphan to exit")
-    reaper.sweep()
-    with pytest.raises(ChildProcessError):
-        os.waitpid(orphan, os.WNOHANG)
+def test_waitid_children_are_tracked_so_the_orphan_reaper_leaves_them_alone() -> None:
+    spawner = PortableSpawner("waitid")
+    command, env = _sh("exit 4")
+    worker = spawner.spawn(command, environ=env, fds=[], set_listen_pid=False)
+    assert worker.pid in unreaped_children()
+    wait_until(lambda: not pid_alive(worker.pid), 10, "the worker to exit")
+    assert worker.pid not in [pid for pid, _ in reap_orphans()]
+    reap_children(spawner)  # what _startup does on SIGCHLD
+    assert worker.returncode == 4
+    assert worker.pid not in unreaped_children()
 
 
 def test_waitid_watcher_cannot_adopt_a_process_that_is_not_its_child() -> None:
