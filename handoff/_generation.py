@@ -437,10 +437,8 @@ async def _drain(
     with trio.move_on_after(timeout) as timer:
         for slot in live:
             await slot.exited.wait()
-    if timer.cancelled_caught:
-        stuck = [
-            s.process.pid for s in live if s.process is not None and s.process.returncode is None
-        ]
+    stuck = [s.process.pid for s in live if s.process is not None and s.process.returncode is None]
+    if timer.cancelled_caught and stuck:
         log.warning(
             "generation.drain_timed_out",
             drain_timeout=program.drain_timeout,
@@ -524,7 +522,8 @@ async def _watch_adopted_worker(gen: Generation, slot: WorkerSlot) -> int | None
     proc, receiver = slot.process, slot.notify
     assert proc is not None
     assert receiver is not None
-    slot.exited = trio.Event()
+    # slot.exited is the slot's first Event, never replaced here: a drain that started before
+    # this task ran already waits on it.
     return await _supervise_worker(gen, slot, proc, receiver, slot.channel, deliver=False)
 
 
