@@ -28,7 +28,7 @@ from ._errors import HandoffError, ListenerError
 from ._generation import notify_dir_ok
 from ._held import open_listeners
 from ._memory import release_after_startup
-from ._paths import HANDOVER_FD_ENV
+from ._paths import HANDOVER_FD_ENV, REEXEC_FD_ENV
 from ._pidfile import remove_pid_file, write_pid_file_or_fail
 from ._spawn import DEFAULT_SPAWNER, unreaped_children
 from ._supervisor import Supervisor
@@ -58,12 +58,12 @@ async def run_supervisor(
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
     handover_fd = environ.get(HANDOVER_FD_ENV)
-    if handover_fd is not None:
-        environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    reexec_fd = environ.get(REEXEC_FD_ENV)
+    environ = {k: v for k, v in environ.items() if k not in (HANDOVER_FD_ENV, REEXEC_FD_ENV)}
     sup = Supervisor(loaded, environ, spawner)
     supervisor = loaded.config.supervisor
     control_path = control_socket_path(supervisor, environ)
-    if handover_fd is None:
+    if handover_fd is None and reexec_fd is None:
         _refuse_if_running(control_path)
     _prepare_runtime_dir(sup, control_path)
     allowed = frozenset({0, os.getuid(), *supervisor.allowed_uids})
@@ -80,8 +80,16 @@ async def run_supervisor(
     control: socket.socket | None = None
     sup.control_path = control_path
     with trio.open_signal_receiver(*signals_wanted) as signals:
+        # Blocked by a predecessor image across its exec in place (pending ones arrive now).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_wanted)
         try:
-            if handover_fd is None:
+            if reexec_fd is not None:
+                handover = _claim(sup, _from_exec(sup, reexec_fd))
+                control = handover.take_control()
+                if control is None:
+                    control = _bind_control(control_path, control_mode)
+                sup.last_upgrade = handover.last_upgrade
+            elif handover_fd is None:
                 sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
                 control = _bind_control(control_path, control_mode)
                 write_pid_file_or_fail(supervisor.pid_file)
@@ -96,6 +104,7 @@ async def run_supervisor(
                 sup.control_path = control_path
                 sup.last_upgrade = handover.last_upgrade
             sup.control_inode = os.stat(control_path).st_ino
+            sup.control_socket = control
             async with trio.open_nursery() as root:
                 await root.start(serve_control, control, sup, allowed)
                 root.start_soon(_handle_signals, sup, signals)
@@ -138,6 +147,17 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
 
     supervisor = sup.loaded.config.supervisor
     handover = await Handover.receive(handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout)
+    return _claim(sup, handover)
+
+
+def _from_exec(sup: Supervisor, reexec_fd: str) -> Handover:
+    from ._handover import Handover
+
+    return Handover.from_exec(reexec_fd, sup.loaded.path)
+
+
+def _claim(sup: Supervisor, handover: Handover) -> Handover:
+    """Take the listeners, parked fds and numbering a predecessor handed over."""
     claimed = handover.claim()
     sup.held.systemd = sup.systemd = claimed.systemd
     sup.held.adopt(claimed.listeners)
@@ -166,6 +186,8 @@ def _log_ready(sup: Supervisor, handover: Handover | None) -> None:
         listeners={li.name: li.bound_address() for li in sup.held.values()},
         control_socket=str(sup.control_path),
         handover_from=handover.state.pid if handover else None,
+        # A self-upgrade that kept the pid (the new image of the same process).
+        in_place=handover is not None and handover.channel is None,
     )
 
 
