@@ -2,23 +2,52 @@
 
 The workers keep running and keep serving: they hold the same listening sockets the whole time,
 and only the process that watches them changes. The old supervisor stays in charge until the new
-one says it is, and keeps serving if it never does.
+one says it is, and keeps serving if it never does. Supervision never stops meanwhile: a worker
+that crashes during a self-upgrade is restarted as at any other time.
 
-Message sequence, over one ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair (the child's end is
-``HANDOFF_SUPERVISOR_FD``); every message is a ``_passing`` Put (JSON payload + SCM_RIGHTS)::
+Two ways, chosen by ``supervisor.self_upgrade`` ("auto": new-pid when ``NOTIFY_SOCKET`` is set,
+that is under systemd, in-place otherwise):
+
+- **in-place** keeps the pid: whatever started handoffd (a shell's ``wait``, tini, runit, s6,
+  supervisord) keeps waiting on the same process, since only systemd follows a new main pid
+  (MAINPID=). A *pre-flight* copy of the new executable (``handoffd run --preflight``) is
+  offered a sample of the state, exactly as a new-pid successor would be, and must answer
+  ``checked``: a broken binary, an older handoffd or an unreadable state is refused there, with
+  the old supervisor serving on. Then the callers get their reply, and the supervisor takes the
+  state and fd set again and calls execve(2) in the same scheduling step (nothing can change
+  between the two, and crash restarts went on until then): the state goes in a memfd, every fd
+  (and the control socket, so the control path never stops answering) as inheritable copies.
+  The new image reads them (``Handover.from_exec``) and adopts the workers, which are still
+  its children: it reaps them and sees their exit status. The handled signals are blocked
+  across the exec (pending ones wait for the new image's handlers). The exec is the point of no
+  return; the pre-flight exists so that it holds.
+- **new-pid** (systemd) hands over to a new process, over one ``AF_UNIX``/``SOCK_SEQPACKET``
+  socketpair (the child's end is ``HANDOFF_SUPERVISOR_FD``); every message is a ``_passing``
+  Put (JSON payload + SCM_RIGHTS)::
 
     old supervisor                                   new supervisor (handoffd run --config PATH)
-    freeze generations (no notify read, no spawn)
+    freeze the notify pumps (datagrams wait)
+    snapshot: state + owned copies of every fd
     spawn the new executable ----------------------> (started, same process group and stderr)
     Put(fd set, SupervisorState) ------------------> check state version, config path, sender pid;
-                                                     rebuild listeners, parked fds, adopted workers
+    (crashed workers are restarted meanwhile)        rebuild listeners, parked fds, adopted workers
                                                      bind a staged control socket (.NAME.<pid>)
                                                      systemd: MAINPID=<new> READY=1, BARRIER=1
                             <--------------------- Put([], {"op": "in_charge", "pid": N})
                                                      (or {"op": "refused", "reason": ...}, exit 1)
-    Put([], {"op": "commit", "reply": ...}) -------> rename the staged socket over the control path;
-    reply ok to the caller, exit 0 without            start supervising: adopted generations,
-    signalling a worker or unlinking anything         watchdog, pid file
+    stop spawning; snapshot the generations again
+    Put(workers' fds, {"op": "commit", "reply": ...,  take the commit's generations instead of
+        "generations": [...]}) ------------------->  the first state's; rename the staged socket
+    reply ok to the caller, exit 0 without            over the control path; start supervising:
+    signalling a worker or unlinking anything         adopted generations, watchdog, pid file
+
+Restarts during the exchange: the first state may be stale by the commit (a worker died and was
+replaced). The commit therefore carries the generations as they are at that instant, taken in the
+same scheduling step as every spawn is stopped (``Generation.hand_over``), and the successor
+adopts those. A worker that dies after that is seen by the successor (its pidfd is readable at
+once) and restarted there, never by both. The notify pumps stay frozen from the first snapshot
+to the end: a datagram read by the old supervisor after it would be lost to the successor (an
+FDSTORE's fds, a READY=1); frozen, they wait in the sockets, which the successor reads on.
 
 The commit message is the point of no return, and the old side decides it: until it is sent, the
 old supervisor can still give up (timeout, exit, refusal, a failed send), SIGKILL the new one and
@@ -28,18 +57,22 @@ never cut off). What the new one may already have done is undone by the old: it 
 ``MAINPID=<old>`` and removes the staged socket. If the old one dies between ``in_charge`` and the
 commit, the new one sees the channel close and carries on alone.
 
+Every failure of the exchange ends the wait at once with its own cause (a failed send, a reply
+that is not one, an exit status); only silence costs ``self_upgrade_timeout``.
+
 The state (``SupervisorState``) names every fd of the set by a key, so the JSON carries the
 structure and SCM_RIGHTS the fds: listeners (and their flock lock fds), parked fds, and for every
-live worker its pidfd, the supervisor's end of its notify socket, and its scm_rights channel.
+live worker its pidfd, the supervisor's end of its notify socket, and its scm_rights channel. The
+fds sent are copies taken at the snapshot (``HandedFds``): a worker reaped or a listener retired
+meanwhile closes the supervisor's fd, never what is being sent.
 
 Design notes:
 - Workers are adopted through the *pidfds* the old supervisor passes, not ``pidfd_open(pid)`` on
   a pid number: a worker that died during the handover cannot be confused with a process that
-  reused its pid. A handed-over worker is not the new supervisor's child: its exit is seen as the
-  pidfd becoming readable, and its status is unknown (it is never waited on).
+  reused its pid. A worker handed to a new pid is not the new supervisor's child: its exit is
+  seen as the pidfd becoming readable, and its status is unknown (it is never waited on).
 - The notify sockets travel as sockets (their bound path keeps working: a worker's
   ``NOTIFY_SOCKET`` never changes), so READY/STATUS/FDSTORE keep flowing to the new supervisor.
-  ``Generation.freeze()`` guarantees that the old one applies no datagram after the snapshot.
 - A self-upgrade replaces the supervisor, not the program: adopted generations keep the program
   config they were started with (sent in the state). A changed config applies at the next worker
   upgrade, as it always does. The new supervisor's own ``[supervisor]`` settings apply at once.
@@ -52,6 +85,9 @@ Design notes:
   older ones in ``_migrate``) and refuses a newer one, naming both versions; the old supervisor
   then keeps serving and reports the refusal. Downgrading handoffd across a version bump therefore
   needs a restart, and says so.
+- A worker started during an in-place pre-flight or a new-pid exchange in ``fd_delivery =
+  "scm_rights"`` mode whose fd set was still being sent when the state was taken is handed over
+  with its channel; the successor does not send the set again.
 - The new executable is the entry point the old one was started from, as it is on disk now
   (``handoffd`` script, or ``python -m handoff`` from the same interpreter path), else
   ``handoffd`` on PATH, else ``python -m handoff``; ``upgrade --self --exec PATH`` overrides it.
@@ -535,7 +571,9 @@ async def offer(
     expected = "checked" if preflight else "in_charge"
     handed = False
     try:
-        answer = await _exchange(channel, process, state, fds, self_upgrade_timeout, what)
+        answer = await _exchange(
+            channel, process, state, fds, self_upgrade_timeout, what, preflight=preflight
+        )
         handed = True
     finally:
         if not handed:
@@ -560,6 +598,8 @@ async def _exchange(
     fds: Sequence[tuple[str, int]],
     self_upgrade_timeout: float,
     what: str,
+    *,
+    preflight: bool = False,
 ) -> HandoverReply:
     """Put the state, get the answer; every failure ends the wait at once, with its cause.
 
@@ -606,7 +646,8 @@ async def _exchange(
             if process.returncode == 2
             else ""
         )
-        raise UpgradeError(f"{what} {describe_exit(process.returncode)} before taking over{hint}")
+        goal = "answering" if preflight else "taking over"
+        raise UpgradeError(f"{what} {describe_exit(process.returncode)} before {goal}{hint}")
     if problem is not None:
         raise UpgradeError(f"{what} broke the handover: {problem}")
     assert timer.cancelled_caught
@@ -1388,7 +1429,8 @@ def _read_state(payload: Mapping[str, JsonValue]) -> SupervisorState:
 
 
 def _migrate(raw: dict[str, JsonValue]) -> dict[str, JsonValue]:
-    """Turn an older state version into the current one (version 1 is the first: nothing yet)."""
+    """Turn an older state version into the current one (1 -> 2: the state is the same; a v1
+    sender's commit carries no generations, and the first state's are kept)."""
     return {**raw, "v": STATE_VERSION}
 
 
