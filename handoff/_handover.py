@@ -124,15 +124,19 @@ from ._errors import (
     SpawnError,
     UpgradeError,
 )
-from ._generation import AdoptedWorker, WorkerState
+from ._generation import AdoptedWorker
 from ._listeners import Listener
-from ._notify import NotifyReceiver, notify
-from ._passing import Received, get, put
+from ._notify import NotifyReceiver
+from ._passing import Received
+from ._passing_trio import get, put
 from ._paths import HANDOVER_FD_ENV, REEXEC_FD_ENV
+from ._phases import WorkerState  # noqa: TC001  pydantic resolves it at run time
 from ._pidfile import restore_pid_file
 from ._processes import kill_and_reap
+from ._sdnotify import notify
 from ._spawn import DEFAULT_SPAWNER, adopt_child, describe_exit
 from ._systemd import SystemdNotifier
+from ._validation import render_errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -141,7 +145,7 @@ if TYPE_CHECKING:
     from ._processes import ProcessHandle
     from ._tickets import UpgradeQueue, UpgradeTicket
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 #: Version of ``SupervisorState``; see the module notes for the compatibility rule.
 #: 2: the commit carries the generations as they are at the commit (v1 readers ignored them).
@@ -1419,10 +1423,7 @@ def _read_state(payload: Mapping[str, JsonValue]) -> SupervisorState:
     try:
         return SupervisorState.model_validate(_migrate(dict(payload)))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'state'}: {err['msg']}"
-            for err in exc.errors(include_url=False)[:3]
-        )
+        problems = "; ".join(render_errors(exc, whole="state", limit=3))
         raise ProtocolError(
             f"the supervisor state (version {version}) is malformed: {problems}"
         ) from exc
@@ -1441,10 +1442,7 @@ def _validate(model: type[_M], value: Mapping[str, JsonValue], what: str) -> _M:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors(include_url=False)[:3]
-        )
+        problems = "; ".join(render_errors(exc, limit=3))
         raise ProtocolError(f"the supervisor state's {what} is not valid here: {problems}") from exc
 
 

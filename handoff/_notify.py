@@ -1,4 +1,4 @@
-"""The sd_notify protocol: a client that sends, and the per-worker receiver that parses.
+"""The supervisor's end of the sd_notify protocol: the per-worker receiver, and its parser.
 
 Design notes:
 - Workers speak the protocol of sd_notify(3) to a datagram socket named by ``NOTIFY_SOCKET``:
@@ -7,7 +7,8 @@ Design notes:
 - The supervisor gives every worker its own socket, so a message is attributed to the worker by the
   socket it arrives on, not by the sender's pid. That is what makes ``systemd-notify --ready`` run
   from a worker's shell count even though its pid is not the worker's, and it is race-free.
-- The same client is used by handoffd to talk to systemd and by the worker library.
+- The client that sends (workers, and handoffd to systemd) is ``_sdnotify``, standard library
+  only; this module is the daemon's (trio, structlog).
 """
 
 from __future__ import annotations
@@ -22,59 +23,16 @@ from typing import TYPE_CHECKING, Final, final
 import structlog
 import trio
 
+from ._sdnotify import SCM_MAX_FD
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # A notify datagram is small; systemd itself reads at most PIPE_BUF-ish lines. 64 KiB is far more
 # than any sane message and bounds what a misbehaving worker can make us buffer.
 NOTIFY_MAX_DATAGRAM: Final = 65536
-# unix(7): at most SCM_MAX_FD (253) fds travel in one message.
-SCM_MAX_FD: Final = 253
-
-
-def notify_address(value: str) -> str | bytes:
-    """Turn a ``NOTIFY_SOCKET`` value into a ``sendto`` address (``@name`` is abstract)."""
-    if value.startswith("@"):
-        return b"\0" + os.fsencode(value[1:])
-    return value
-
-
-def notify(
-    message: str,
-    fds: Sequence[int] = (),
-    *,
-    environ: Mapping[str, str] | None = None,
-    block: bool = True,
-    timeout: float | None = None,
-) -> bool:
-    """Send one sd_notify datagram to ``$NOTIFY_SOCKET``.
-
-    Returns False, sending nothing, when ``NOTIFY_SOCKET`` is unset: that is a process not run
-    under systemd or handoffd, for which readiness is meaningless. Raises ``OSError`` when the
-    socket is set but the message cannot be delivered; with ``block=False`` a receiver whose
-    queue is full raises ``BlockingIOError`` instead of stalling the caller (an event loop must
-    never wait on its service manager); with ``timeout`` it waits at most that long for room
-    (``TimeoutError``).
-
-    Example::
-
-        notify("READY=1\\nSTATUS=serving on 8080")
-    """
-    env = os.environ if environ is None else environ
-    target = env.get("NOTIFY_SOCKET")
-    if not target:
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        ancillary = []
-        if fds:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        if timeout is not None:
-            sock.settimeout(timeout)
-        flags = 0 if block else socket.MSG_DONTWAIT
-        sock.sendmsg([message.encode()], ancillary, flags, notify_address(target))
-    return True
 
 
 @final

@@ -9,6 +9,11 @@ processes the test drives (the shape tableflip's ``env`` struct gives its upgrad
 Design notes:
 - A handle is owned by exactly one task (the worker slot that runs it); ``close()`` releases
   what watches it (a pidfd) without signalling it, which is how a self-upgrade lets go.
+- A worker owns its whole process tree: it leads its own process group, and handoffd is a child
+  subreaper, so descendants whose parent died become handoffd's children and still carry the
+  worker's process group id. ``signal_group`` signals all of them (stop, drain, SIGKILL);
+  ``group_roots`` names them for observation and ``status``; ``wait_group_exited`` waits for the
+  last one. A handle must only signal a group id that cannot have been reused: see ``_spawn``.
 - ``kill_and_reap`` is the one place that SIGKILLs and waits a bounded time for the reap; every
   caller (a worker slot's cleanup, a failed successor) shares its bound.
 """
@@ -49,6 +54,25 @@ class ProcessHandle(Protocol):
 
     def kill(self) -> None:
         """SIGKILL it; a no-op once it has exited."""
+        ...
+
+    def signal_group(self, sig: int) -> None:
+        """Signal every process of its process group (the process too, while it lives).
+
+        A no-op once the process has exited and no member of its group is left.
+        """
+        ...
+
+    def group_roots(self) -> list[int]:
+        """The process (while it lives) and the members of its group reparented to us.
+
+        Every process of the worker's tree is one of these or a descendant of one (a process
+        that left the group and was orphaned is not attributed).
+        """
+        ...
+
+    async def wait_group_exited(self) -> None:
+        """After ``wait()`` returned: block until no member of its process group is left."""
         ...
 
     def close(self) -> None:

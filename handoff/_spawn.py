@@ -14,14 +14,25 @@ Design notes:
   drains them, instead of killing every worker at once.
 - The pidfd gives a wait that is an fd (``wait_readable``) and signals that cannot hit a
   recycled pid.
+- A worker's tree: handoffd is a child subreaper (prctl(2) ``PR_SET_CHILD_SUBREAPER``), so a
+  descendant whose parent dies becomes our child instead of init's, keeps the worker's process
+  group id (the worker's pid), and is reaped by ``reap_orphans`` (on SIGCHLD). A worker's own
+  pid is never reaped there: its pidfd wait owns its exit status.
+- Group signals and pid reuse: ``killpg(pid)`` is only sent while the group id cannot name
+  another group. While the leader is not reaped (alive or a zombie we have not waited for) its
+  pid, hence the group id, is reserved; once it is reaped, only while a member of the group is
+  our child that we have not reaped (alive or zombie), which holds the group id as well.
+  An adopted worker (a self-upgrade; not our child) is signalled through its pidfd only.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
@@ -34,13 +45,18 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # sh(1) exec shim: export LISTEN_PID as the shell's own pid, then become the worker.
 _SHIM: Final = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+#: Set in a worker's environment, the shim lowers its soft RLIMIT_NOFILE to this (see _limits).
+NOFILE_ENV: Final = "HANDOFF_NOFILE"
+_NOFILE_SHIM: Final = f'ulimit -S -n "${NOFILE_ENV}" || exit 126; unset {NOFILE_ENV}; '
 _SHELL: Final = "/bin/sh"
 # Signals Python leaves as SIG_IGN, which exec would otherwise pass on to the worker.
 _RESET_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
+# prctl(2): become the reaper of orphaned descendants (linux/prctl.h).
+PR_SET_CHILD_SUBREAPER: Final = 36
 
 
 # Children we spawned and have not reaped yet. As PID 1, handoffd also reaps orphans it did not
@@ -51,6 +67,100 @@ _unreaped: set[int] = set()
 def unreaped_children() -> frozenset[int]:
     """Pids of workers this process spawned and has not reaped (see ``_unreaped``)."""
     return frozenset(_unreaped)
+
+
+# Replaced (after being set) whenever reap_orphans reaped something: one Event per occurrence.
+_orphans_reaped: trio.Event | None = None
+
+
+def _reaped_event() -> trio.Event:
+    global _orphans_reaped
+    if _orphans_reaped is None:
+        _orphans_reaped = trio.Event()
+    return _orphans_reaped
+
+
+def become_subreaper() -> str | None:
+    """Make handoffd the reaper of its workers' orphans; returns why not, or None.
+
+    Linux only (prctl(2) ``PR_SET_CHILD_SUBREAPER``, since 3.4). Elsewhere orphans go to init
+    and a generation's tree is what its process groups still hold.
+    """
+    if not sys.platform.startswith("linux"):
+        return f"{sys.platform} has no PR_SET_CHILD_SUBREAPER"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:
+        return f"cannot load the C library: {exc}"
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+def _our_children() -> set[int]:
+    """Our children, from ``/proc/self/task/*/children`` (each thread has its own)."""
+    children: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return children
+
+
+def process_group_of(pid: int) -> int | None:
+    """The process group id of ``pid`` (proc(5) ``stat`` field 5), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def group_orphans(pgid: int) -> list[int]:
+    """Our children in process group ``pgid`` other than workers: reparented descendants."""
+    return sorted(pid for pid in _our_children() - _unreaped if process_group_of(pid) == pgid)
+
+
+def reap_orphans() -> list[tuple[int, int | None]]:
+    """Reap exited children that are not workers; returns (pid, process group) of each.
+
+    Workers (every child we spawned and have not reaped, including those of a generation still
+    starting) are reaped through their pidfds; waiting on them here would steal their status.
+    """
+    reaped: list[tuple[int, int | None]] = []
+    for pid in sorted(_our_children() - _unreaped):
+        group = process_group_of(pid)
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if done == pid:
+            reaped.append((pid, group))
+    if reaped:
+        global _orphans_reaped
+        _reaped_event().set()
+        _orphans_reaped = trio.Event()
+    return reaped
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning(
+            "worker.signal_refused",
+            process_group=pgid,
+            signal=sig,
+            hint="a process of the group became another user; run handoffd as root",
+        )
 
 
 @final
@@ -104,6 +214,31 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal the worker's process group (see the module notes on pid reuse)."""
+        if not self.is_child:
+            self.send_signal(sig)
+        elif self.returncode is None:
+            left_group = process_group_of(self.pid) not in (self.pid, None)
+            _killpg(self.pid, sig)
+            if left_group:  # the worker moved to another group; its old one got the signal
+                self.send_signal(sig)
+        elif group_orphans(self.pid):
+            _killpg(self.pid, sig)
+
+    def group_roots(self) -> list[int]:
+        alive = [self.pid] if self.returncode is None else []
+        return alive + (group_orphans(self.pid) if self.is_child else [])
+
+    async def wait_group_exited(self) -> None:
+        """Wait (on ``reap_orphans``, driven by SIGCHLD) until the group has no member left."""
+        await trio.lowlevel.checkpoint()
+        while self.is_child:
+            reaped = _reaped_event()
+            if not group_orphans(self.pid):
+                return
+            await reaped.wait()
 
     def close(self) -> None:
         if self.pidfd >= 0:
@@ -176,10 +311,13 @@ def spawn_worker(
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
         actions += [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(staged)]
-        if set_listen_pid or cwd is not None:
-            # posix_spawn has no portable chdir action: the shim changes directory itself.
-            script = ('cd "$1" || exit 126; shift; ' if cwd is not None else "") + (
-                _SHIM if set_listen_pid else 'exec "$@"'
+        nofile = NOFILE_ENV in environ
+        if set_listen_pid or cwd is not None or nofile:
+            # posix_spawn has no portable chdir or setrlimit action: the shim does them itself.
+            script = (
+                ('cd "$1" || exit 126; shift; ' if cwd is not None else "")
+                + (_NOFILE_SHIM if nofile else "")
+                + (_SHIM if set_listen_pid else 'exec "$@"')
             )
             argv = [_SHELL, "-c", script, "handoffd-worker"]
             argv += [str(cwd)] if cwd is not None else []

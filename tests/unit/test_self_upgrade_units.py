@@ -29,7 +29,7 @@ from handoff._generation import (
 )
 from handoff._handover import STATE_VERSION, SupervisorState, SupervisorView, _exchange, snapshot
 from handoff._notify import NotifyReceiver
-from handoff._passing import get, put
+from handoff._passing_trio import get, put
 from handoff._tickets import UpgradeTicket
 from tests.daemon import write_config
 from tests.fakes import FakeProcess, FakeSpawner
