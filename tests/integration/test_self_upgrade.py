@@ -324,14 +324,16 @@ def test_self_upgrade_keeps_old_supervisor_when_new_exits_at_once(
 def test_self_upgrade_keeps_old_supervisor_when_new_hangs(
     run_daemon: Callable[..., Daemon], tmp_path: Path, mode: str
 ) -> None:
+    # 3 s, not 1: the good self-upgrade at the end must start a real handoffd within it, on a
+    # loaded machine (1 s failed once under load).
     daemon = run_daemon(
-        processes=2, extra_supervisor=f'self_upgrade_timeout = 1\nself_upgrade = "{mode}"'
+        processes=2, extra_supervisor=f'self_upgrade_timeout = 3\nself_upgrade = "{mode}"'
     )
     hangs = executable(tmp_path / "handoffd-hangs", "#!/bin/sh\nexec sleep 600\n")
     _assert_failed_self_upgrade_keeps_old_in_charge(
         daemon,
         hangs,
-        "did not take over within supervisor.self_upgrade_timeout = 1s and was killed",
+        "did not take over within supervisor.self_upgrade_timeout = 3s and was killed",
     )
 
 
