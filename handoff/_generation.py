@@ -35,11 +35,12 @@ Design notes:
 - Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
   one for each restart, so a late datagram from a dead worker can never mark its successor ready.
 - Self-upgrade (see ``_handover``): ``freeze()`` stops a generation from reading its workers'
-  notify sockets and from starting workers, and returns once no datagram can be applied any more,
-  so that the state handed to the successor cannot change under it; ``thaw()`` undoes it when the
-  handover fails. ``hand_over()`` (after the successor is in charge) makes the tasks let go of
-  everything without killing a worker or unlinking a notify socket, when the old supervisor's
-  nursery is cancelled. ``run_adopted_generation`` is the successor's side: the same generation,
+  notify sockets, and returns once no datagram can be applied any more (the datagrams wait in
+  the sockets for the successor). Crashed workers are still seen and restarted meanwhile:
+  supervision never stops for a handover. ``hand_over()`` (when the commit is taken) stops
+  every spawn, so the commit's snapshot stays true, and makes the tasks let go of everything
+  without killing a worker or unlinking a notify socket when the old supervisor's nursery is
+  cancelled. ``thaw()`` undoes both when the handover fails. ``run_adopted_generation`` is the successor's side: the same generation,
   its workers watched through the pidfds handed over (they are not its children, so their exit
   status is unknown), restarted as normal children when they crash, drained like any other.
 """
@@ -269,6 +270,8 @@ class Generation:
         # trio.current_time() by which a drain SIGKILLs what is left (set once draining).
         self.drain_deadline: float | None = None
         self.handed_over = False
+        # Not None while handed over; set (and dropped) by thaw(): spawns wait for it.
+        self._taken_back: trio.Event | None = None
         self._settled = trio.Event()
         self._drain_requested = trio.Event()
         # Not None while frozen; set (and dropped) by thaw().
@@ -303,7 +306,7 @@ class Generation:
         return self.draining
 
     async def freeze(self) -> None:
-        """Stop reading notify sockets and starting workers until ``thaw()``.
+        """Stop reading notify sockets until ``thaw()`` (crash restarts go on).
 
         Returns once every notify pump has stopped: from then on nothing a worker sends changes
         this generation (datagrams wait in the sockets, for whoever reads them next).
@@ -319,19 +322,28 @@ class Generation:
         await self._pumps_idle.wait()
 
     def thaw(self) -> None:
-        """Undo ``freeze()``: the handover failed and this supervisor carries on."""
-        if self._thawed is not None:
-            self._thawed.set()
-            self._thawed = None
+        """Undo ``freeze()`` and ``hand_over()``: the handover failed and we carry on."""
+        self.handed_over = False
+        for event in (self._thawed, self._taken_back):
+            if event is not None:
+                event.set()
+        self._thawed = self._taken_back = None
 
     def hand_over(self) -> None:
-        """A successor owns the workers now: when cancelled, let go without killing them."""
+        """A successor owns the workers now: spawn nothing more, and when cancelled, let go
+        without killing them."""
         self.handed_over = True
+        if self._taken_back is None:
+            self._taken_back = trio.Event()
 
     async def _wait_thawed(self) -> None:
         # A loop, not one wait: a thaw followed at once by another freeze must keep us waiting.
         while self._thawed is not None:
             await self._thawed.wait()
+
+    async def _wait_taken_back(self) -> None:
+        while self._taken_back is not None:
+            await self._taken_back.wait()
 
     def begin_hold(self, seconds: float) -> None:
         """Both generations serve now: a worker exit or a lost listener fails the hold."""
@@ -621,13 +633,14 @@ async def _drain(
         stuck = sorted({pid for proc in gen.spawned for pid in proc.group_roots()})
         for proc in gen.spawned:
             proc.signal_group(signal.SIGKILL)
-        log.warning(
-            "generation.drain_timed_out",
-            drain_timeout=program.drain_timeout,
-            waited_s=round(timeout, 3),
-            killed=stuck,
-            hint="workers ignored the stop signal; they were killed with SIGKILL",
-        )
+        if stuck:  # a deadline that found nobody left kills nobody: no SIGKILL line
+            log.warning(
+                "generation.drain_timed_out",
+                drain_timeout=program.drain_timeout,
+                waited_s=round(timeout, 3),
+                killed=stuck,
+                hint="workers ignored the stop signal; they were killed with SIGKILL",
+            )
         with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
             await _wait_trees(gen, live)
 
@@ -651,7 +664,7 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 adopted = False
                 code = await _watch_adopted_worker(gen, slot)
             else:
-                await gen._wait_thawed()  # a frozen generation starts no worker
+                await gen._wait_taken_back()  # a handed-over generation starts no worker
                 await _wait_enabled(gen, slot)
                 if gen.is_draining():
                     break
@@ -742,7 +755,8 @@ async def _watch_adopted_worker(gen: Generation, slot: WorkerSlot) -> int | None
     proc, receiver = slot.process, slot.notify
     assert proc is not None
     assert receiver is not None
-    slot.exited = trio.Event()
+    # slot.exited is the slot's first Event, never replaced here: a drain that started before
+    # this task ran already waits on it.
     return await _supervise_worker(gen, slot, proc, receiver, slot.channel, deliver=False)
 
 

@@ -236,7 +236,6 @@ class GenerationSet:
     def thaw(self, gens: Sequence[Generation]) -> None:
         """A handover failed: ``gens`` are ours again (supervised, notify sockets read)."""
         for gen in gens:
-            gen.handed_over = False
             gen.thaw()
 
     def kill_all(self) -> None:

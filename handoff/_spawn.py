@@ -471,3 +471,13 @@ def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
     return WorkerProcess(
         pid=pid, pidfd=_pidfd_open(pid) if pidfd is None else pidfd, is_child=False
     )
+
+
+def adopt_child(pid: int, pidfd: int) -> WorkerProcess:
+    """Watch a worker that is our child although we did not spawn it in this image.
+
+    After an exec in place (see ``_handover.exec_in_place``) the pid is the same, so the workers
+    the previous image spawned are still our children: we reap them and see their exit status.
+    """
+    _unreaped.add(pid)
+    return WorkerProcess(pid=pid, pidfd=pidfd, is_child=True)

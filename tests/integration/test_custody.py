@@ -137,7 +137,12 @@ def test_sigkilled_handoffd_is_replaced_by_the_next_run_without_a_refused_connec
 def test_sigkill_mid_handover_is_recovered_the_same_way(base: Path) -> None:
     """The old supervisor dies after its successor started but before the commit."""
     config, run = base / "handoffd.toml", base / "run"
-    write_config(config, run, processes=2, extra_supervisor="self_upgrade_timeout = 60")
+    write_config(
+        config,
+        run,
+        processes=2,
+        extra_supervisor='self_upgrade_timeout = 60\nself_upgrade = "new-pid"',
+    )
     hangs = python_handoffd(
         base / "handoffd-hangs",
         "import time, handoff._handover as h\n"
