@@ -250,12 +250,8 @@ def _walk_up(sender: NotifySender, tree: WorkerTree, facts: SenderFacts) -> Attr
             if child in tree.workers:
                 return Attribution(False, f"it is another worker (pid {child}), not this one")
             if current.pgid != tree.pid:
-                return Attribution(
-                    False,
-                    f"it is not in the worker's tree: {_path(chain)} was reparented to handoffd "
-                    f"from process group {current.pgid}, not the worker's ({tree.pid}); a "
-                    "descendant that left the worker's group (setsid) and lost its parent is "
-                    "not part of the tree",
+                return _outside_group(
+                    f"{_path(chain)} was reparented to handoffd", current.pgid, tree
                 )
             return Attribution(
                 True,
@@ -282,13 +278,13 @@ def _attribute_reaped(sender: NotifySender, tree: WorkerTree) -> Attribution:
             continue
         if sender.inode is not None and orphan.inode is not None and sender.inode != orphan.inode:
             continue  # the same pid, another process
-        if orphan.pgid == tree.pid:
-            return Attribution(
-                True,
-                f"a member of the worker's process group that handoffd reaped "
-                f"{max(tree.now - orphan.at, 0.0):.3f}s before its message was read",
-            )
-        break
+        if orphan.pgid != tree.pid:
+            return _outside_group(f"pid {orphan.pid} was reaped by handoffd", orphan.pgid, tree)
+        return Attribution(
+            True,
+            f"a member of the worker's process group that handoffd reaped "
+            f"{max(tree.now - orphan.at, 0.0):.3f}s before its message was read",
+        )
     if sender.pid == tree.pid and sender.inode is not None and sender.inode == tree.inode:
         return Attribution(True, "the worker (exited since)")
     return Attribution(
@@ -296,6 +292,15 @@ def _attribute_reaped(sender: NotifySender, tree: WorkerTree) -> Attribution:
         f"pid {sender.pid} had exited and been reaped before its message was read, so nothing "
         "shows it was in the worker's tree; send from a process that lives until the message is "
         "read (systemd-notify without --no-block waits for that, or send from the worker itself)",
+    )
+
+
+def _outside_group(what: str, pgid: int | None, tree: WorkerTree) -> Attribution:
+    return Attribution(
+        False,
+        f"it is not in the worker's tree: {what} from process group {pgid}, not the worker's "
+        f"({tree.pid}); a descendant that left the worker's group (setsid) and lost its parent "
+        "is not part of the tree",
     )
 
 
