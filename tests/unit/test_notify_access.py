@@ -9,6 +9,7 @@ process group 200).
 from __future__ import annotations
 
 import array
+import dataclasses
 import os
 import shutil
 import socket
@@ -23,8 +24,11 @@ from structlog.testing import capture_logs
 
 from handoff._config import load_config
 from handoff._held import open_listeners
+from handoff._notify import NotifyReceiver
 from handoff._notify_access import (
+    LINUX_FACTS,
     REAPED_WINDOW,
+    Attribution,
     NotifySender,
     ProcStat,
     ReapedOrphan,
@@ -168,7 +172,9 @@ def test_a_sender_reaped_by_handoffd_from_the_worker_group_counts_within_the_win
         NotifySender(pid=777, pidfd=5, inode=1), tree(reaped=(orphan,)), facts
     ).accepted
     elsewhere = ReapedOrphan(pid=777, pgid=OTHER_WORKER, inode=9777, at=999.5)
-    assert not judge(sender, tree(reaped=(elsewhere,)), facts).accepted
+    verdict = judge(sender, tree(reaped=(elsewhere,)), facts)
+    assert not verdict.accepted
+    assert "reaped by handoffd from process group 300, not the worker's (200)" in verdict.reason
     # Without a pidfd (an older kernel) the record's pid and group decide alone.
     assert judge(NotifySender(pid=777), tree(reaped=(orphan,)), Facts()).accepted
 
@@ -218,6 +224,33 @@ def test_a_parent_that_changes_under_the_walk_is_looked_at_again() -> None:
     verdict = judge(NotifySender(pid=220), facts=Facts(on_stat=flapping))
     assert not verdict.accepted
     assert "parents kept changing" in verdict.reason
+
+
+async def test_the_receiver_hands_the_judge_the_senders_pidfd_and_closes_it(base: Path) -> None:
+    receiver = NotifyReceiver.bind(str(base / "notify"))
+    seen: list[tuple[NotifySender, int | None]] = []
+
+    def judge_open(sender: NotifySender) -> Attribution:
+        pid_now = LINUX_FACTS.pidfd_pid(sender.pidfd) if sender.pidfd is not None else None
+        seen.append((sender, pid_now))
+        return Attribution(False, "test")
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(b"READY=1", receiver.path)
+        with trio.fail_after(5):
+            message = await receiver.receive(judge_open)
+    finally:
+        receiver.close()
+    [(sender, pid_now)] = seen
+    assert (sender.pid, sender.uid) == (os.getpid(), os.getuid())
+    assert message.sender == dataclasses.replace(sender, pidfd=None)
+    assert not message.accepted
+    if sender.pidfd is not None:  # Linux 6.5+: SCM_PIDFD, open while judged, closed after
+        assert pid_now == os.getpid()
+        assert sender.inode is not None
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(sender.pidfd)
 
 
 # --- the generation: refused datagrams are never applied, counted and logged, rate-limited ---
