@@ -30,6 +30,7 @@ import structlog
 import trio
 
 from ._notify_access import NotifySender, pidfd_inode
+from ._platform import SOCK_CLOEXEC
 from ._sdnotify import SCM_MAX_FD
 
 if TYPE_CHECKING:
@@ -38,6 +39,22 @@ if TYPE_CHECKING:
     from ._notify_access import Attribution
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+# Linux attaches each sender's credentials (SO_PASSCRED) and sets close-on-exec on received fds
+# atomically; elsewhere neither exists (``_peercred`` says what guards the notify sockets there).
+if sys.platform == "linux":
+    _RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+    _SCM_CREDENTIALS: Final = socket.SCM_CREDENTIALS
+else:
+    _RECV_FLAGS: Final = 0
+    _SCM_CREDENTIALS: Final = -1
+#: Why no datagram's sender can be judged here (None on Linux, where each carries credentials).
+_UNVERIFIABLE: Final = (
+    None
+    if sys.platform == "linux"
+    else f"{sys.platform} attaches no sender credentials to datagrams (the 0700 runtime dir "
+    "is the only guard of the notify sockets)"
+)
 
 # A notify datagram is small; systemd itself reads at most PIPE_BUF-ish lines. 64 KiB is far more
 # than any sane message and bounds what a misbehaving worker can make us buffer.
@@ -50,19 +67,21 @@ def _so_passpidfd() -> int | None:
     76 in asm-generic/socket.h, which every architecture but alpha, mips, parisc and sparc
     uses; on those we do without (the rule falls back to the pid alone).
     """
-    named = getattr(socket, "SO_PASSPIDFD", None)
-    if isinstance(named, int):
-        return named
-    if not sys.platform.startswith("linux"):
+    if sys.platform == "linux":
+        named = getattr(socket, "SO_PASSPIDFD", None)
+        if isinstance(named, int):
+            return named
+        if platform.machine().startswith(("alpha", "mips", "parisc", "sparc")):
+            return None
+        return 76
+    else:
         return None
-    if platform.machine().startswith(("alpha", "mips", "parisc", "sparc")):
-        return None
-    return 76
 
 
 SO_PASSPIDFD: Final = _so_passpidfd()
-# include/linux/socket.h: SCM_PIDFD is 4 on every architecture (SCM_RIGHTS 1, SCM_CREDENTIALS 2).
-SCM_PIDFD: Final = int(getattr(socket, "SCM_PIDFD", 4))
+# include/linux/socket.h: SCM_PIDFD is 4 on every architecture (SCM_RIGHTS 1, SCM_CREDENTIALS 2);
+# elsewhere 4 may be another kind (macOS: SCM_TIMESTAMP_MONOTONIC), so it is never matched there.
+SCM_PIDFD: Final = int(getattr(socket, "SCM_PIDFD", 4)) if sys.platform == "linux" else -1
 
 
 @final
@@ -153,14 +172,16 @@ class NotifyReceiver:
 
     @classmethod
     def bind(cls, path: str) -> NotifyReceiver:
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raw.bind(path)
-            # unix(7): every datagram then carries its sender's credentials, filled in by the
-            # kernel; the sender's pid is how _notify_access knows who speaks.
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            # unix(7): on Linux every datagram then carries its sender's credentials, filled in
+            # by the kernel; the sender's pid is how _notify_access knows who speaks. Elsewhere
+            # nothing does, and the 0700 runtime dir is the only guard (_peercred).
+            if sys.platform == "linux":
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             if SO_PASSPIDFD is not None:
                 # Older kernels say ENOPROTOOPT: the pid alone identifies the sender there.
                 with contextlib.suppress(OSError):
@@ -184,7 +205,7 @@ class NotifyReceiver:
         pidfd_space = socket.CMSG_SPACE(4)
         while True:
             data, ancdata, flags, _ = await self.sock.recvmsg(
-                NOTIFY_MAX_DATAGRAM, fd_space + cred_space + pidfd_space, socket.MSG_CMSG_CLOEXEC
+                NOTIFY_MAX_DATAGRAM, fd_space + cred_space + pidfd_space, _RECV_FLAGS
             )
             fds: list[int] = []
             pid: int | None = None
@@ -198,13 +219,16 @@ class NotifyReceiver:
                     arr = array.array("i")
                     arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                     fds.extend(arr)
-                elif kind == socket.SCM_CREDENTIALS and len(payload) >= 8:
+                elif kind == _SCM_CREDENTIALS and len(payload) >= 8:
                     pid = int.from_bytes(payload[0:4], "little", signed=True)
                     uid = int.from_bytes(payload[4:8], "little")
                 elif kind == SCM_PIDFD and len(payload) >= 4:
                     value = int.from_bytes(payload[0:4], "little", signed=True)
                     # A negative value is the error making it failed (the sender was reaped).
                     pidfd, pidfd_error = (value, False) if value >= 0 else (None, True)
+            if not _RECV_FLAGS:
+                for fd in fds:  # no MSG_CMSG_CLOEXEC here: close-on-exec right after
+                    os.set_inheritable(fd, False)
             try:
                 if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
                     close_fds(fds)
@@ -216,6 +240,7 @@ class NotifyReceiver:
                     pidfd=pidfd,
                     inode=pidfd_inode(pidfd) if pidfd is not None else None,
                     reaped=pidfd_error,
+                    unverifiable=_UNVERIFIABLE,
                 )
                 try:
                     attribution = judge(sender) if judge is not None else None

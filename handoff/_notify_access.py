@@ -40,6 +40,9 @@ Design notes:
   then lost its parent is reparented to handoffd but is no longer in the tree: drains neither
   signal nor wait for it, and its datagrams are refused like any other process's. While its
   parents lead up to the worker it is a descendant and counts.
+- Outside Linux a datagram carries no credentials at all (macOS has no SCM_CREDENTIALS for
+  datagram sockets): nothing can be judged, every datagram counts, and the notify sockets are
+  guarded only by handoffd's 0700 runtime dir, which keeps other uids out but not our own.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class NotifySender:
     pidfd: int | None = None
     inode: int | None = None
     reaped: bool = False
+    #: Why this platform cannot say who sent it (no per-datagram credentials outside Linux).
+    unverifiable: str | None = None
 
 
 @final
@@ -204,6 +209,8 @@ def attribute_sender(
     Returns:
         Accepted with how the sender belongs, or refused with why (a phrase for the log).
     """
+    if sender.unverifiable is not None:
+        return Attribution(True, f"not judged: {sender.unverifiable}")
     if sender.pid <= 0:
         return Attribution(
             False, "it came without the sender's credentials (another pid namespace?)"

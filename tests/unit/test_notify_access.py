@@ -152,6 +152,14 @@ def test_processes_outside_the_tree_are_refused(pid: int, why: str) -> None:
     assert why in verdict.reason
 
 
+def test_where_datagrams_carry_no_credentials_nothing_is_judged() -> None:
+    verdict = judge(NotifySender(pid=0, unverifiable="darwin attaches no sender credentials"))
+    assert (verdict.accepted, verdict.reason) == (
+        True,
+        "not judged: darwin attaches no sender credentials",
+    )
+
+
 def test_a_worker_that_has_exited_no_longer_vouches_for_its_pid() -> None:
     verdict = judge(NotifySender(pid=WORKER), tree(alive=False))
     assert not verdict.accepted
