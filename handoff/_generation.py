@@ -198,6 +198,8 @@ class GenerationSpec:
     listener_keys: Mapping[int, ListenerKey] = field(default_factory=dict)
     #: How a worker's tree is judged accepting (the /proc one; fakes in unit tests).
     probe: ReadinessProbe = probe_proc
+    #: Called once a worker process is in a slot (spawned or adopted), its notify socket set.
+    on_spawned: Callable[[], None] = lambda: None
 
 
 @final
@@ -771,6 +773,7 @@ async def _supervise_worker(
     """
     slot.notify, slot.channel = receiver, channel
     gen._track(proc)
+    gen.spec.on_spawned()
     program = gen.spec.program
     try:
         try:
