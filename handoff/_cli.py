@@ -346,6 +346,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         extra = f"  restarts={w['restarts']}" if w.get("restarts") else ""
         extra += f"  descendants={w['descendants']}" if w.get("descendants") else ""
         extra += f"  readiness: {w['readiness']}" if w.get("readiness") else ""
+        extra += f"  notify_rejected={w['notify_rejected']}" if w.get("notify_rejected") else ""
         print(
             f"  gen {w['generation']} worker {w['index']}  pid {w['pid'] or '-':<8} {w['state']:<9}{status}{extra}"
         )

@@ -34,6 +34,10 @@ Design notes:
   drain_timeout ends with SIGKILL to every group.
 - Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
   one for each restart, so a late datagram from a dead worker can never mark its successor ready.
+  And by sender: only a datagram from the worker's own tree is applied (``_notify_access``); any
+  other is refused (its fds closed), counted per worker (``notify_rejected`` in ``status``) and
+  logged as ``notify.rejected`` at most once per ``_REJECTED_LOG_INTERVAL`` per worker, with how
+  many were held back.
 - Self-upgrade (see ``_handover``): ``freeze()`` stops a generation from reading its workers'
   notify sockets, and returns once no datagram can be applied any more (the datagrams wait in
   the sockets for the successor). Crashed workers are still seen and restarted meanwhile:
@@ -80,6 +84,9 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 
 _spawn_sequence = itertools.count(1)
+# At most one notify.rejected line per worker this often: a same-uid process could send refused
+# datagrams in a loop, and each would otherwise write a log line.
+_REJECTED_LOG_INTERVAL: Final = 10.0
 # The longest STATUS= text kept per worker (one line for `handoffd status`).
 _STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
@@ -223,6 +230,11 @@ class WorkerSlot:
     # The supervisor's ends of the running worker's sockets (a self-upgrade hands them over).
     notify: NotifyReceiver | None = field(default=None, repr=False)
     channel: socket.socket | None = field(default=None, repr=False)
+    #: Notify datagrams refused because their sender was not in the worker's tree (all spawns).
+    notify_rejected: int = 0
+    #: When ``notify.rejected`` was last logged (trio clock), and how many were refused since.
+    rejected_logged_at: float | None = None
+    rejected_unlogged: int = 0
 
 
 @final
@@ -780,7 +792,7 @@ async def _supervise_worker(
     try:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_notify, gen, slot, receiver)
+                nursery.start_soon(_pump_notify, gen, slot, proc, receiver)
                 if channel is not None and deliver:
                     nursery.start_soon(_put_fds, gen.spec, gen.parked, channel)
                 delay = program.ready_delay
@@ -992,7 +1004,9 @@ def _fall_back(gen: Generation, slot: WorkerSlot, reason: str) -> None:
     _update_ready(gen, slot)
 
 
-async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiver) -> None:
+async def _pump_notify(
+    gen: Generation, slot: WorkerSlot, proc: ProcessHandle, receiver: NotifyReceiver
+) -> None:
     while True:
         await gen._wait_thawed()
         # freeze() cancels this scope and waits for the pump to leave it: a datagram already
@@ -1001,12 +1015,43 @@ async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiv
             gen._pumps.add(scope)
             try:
                 while True:
-                    message = await receiver.receive()
-                    _apply_notify(gen, slot, message)
+                    message = await receiver.receive(proc.attribute)
+                    if message.accepted:
+                        _apply_notify(gen, slot, message)
+                    else:
+                        _reject_notify(slot, proc, message)
             finally:
                 gen._pumps.discard(scope)
                 if not gen._pumps:
                     gen._pumps_idle.set()
+
+
+def _reject_notify(slot: WorkerSlot, proc: ProcessHandle, message: NotifyMessage) -> None:
+    """Never act on a datagram from outside the worker's tree: count it, log it (rate-limited)."""
+    close_fds(message.fds)
+    slot.notify_rejected += 1
+    now = trio.current_time()
+    last = slot.rejected_logged_at
+    if last is not None and now - last < _REJECTED_LOG_INTERVAL:
+        slot.rejected_unlogged += 1
+        return
+    sender = message.sender
+    log.warning(
+        "notify.rejected",
+        pid=proc.pid,
+        sender_pid=sender.pid if sender is not None else None,
+        sender_uid=sender.uid if sender is not None else None,
+        # The keys only, few and short: the sender chose them, and values may be secrets.
+        keys=sorted(key[:32] for key in message.fields)[:8],
+        fds_closed=len(message.fds),
+        reason=message.attribution.reason if message.attribution else "no judgement",
+        rejected=slot.notify_rejected,
+        held_back=slot.rejected_unlogged,
+        hint="only the worker's own process tree may notify for it (see NotifyAccess); "
+        "another process of its uid wrote to its NOTIFY_SOCKET",
+    )
+    slot.rejected_logged_at = now
+    slot.rejected_unlogged = 0
 
 
 def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> None:
