@@ -29,6 +29,7 @@ from ._errors import ListenerError
 from ._held import open_listeners
 from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
+from ._metrics_http import metrics_address, open_metrics_socket, serve_metrics_http
 from ._paths import HANDOVER_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file
 from ._runtime_dir import open_runtime_dir, refuse_if_running, unlink_if_ours
@@ -88,15 +89,19 @@ async def run_supervisor(
         )
     handover: Handover | None = None
     control: socket.socket | None = None
+    metrics: socket.socket | None = None
     sup.control_path = control_path
     with trio.open_signal_receiver(*signals_wanted) as signals:
         try:
             if handover_fd is None:
                 sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
+                metrics = _open_metrics(sup, None)
                 control = _bind_control(control_path, control_mode)
                 write_configured_pid_file(supervisor.pid_file)
             else:
                 handover = await _receive(sup, handover_fd)
+                metrics = await _open_metrics_or_refuse(sup, handover)
+                prior = sup.last_upgrade
                 control, control_path = await handover.take_over(
                     control_path,
                     control_mode,
@@ -105,12 +110,21 @@ async def run_supervisor(
                 )
                 sup.control_path = control_path
                 sup.last_upgrade = handover.last_upgrade
+                # In charge: the self-upgrade counts here (None: its reply never arrived).
+                committed = handover.last_upgrade if handover.last_upgrade is not prior else None
+                sup.metrics.on_upgrade_finished(committed, supervisor=True)
             sup.control_inode = runtime.verify_control_socket(control_path)
             async with trio.open_nursery() as root:
-                await root.start(serve_control, control, sup, allowed)
+                sup.metrics.control_connections = await root.start(
+                    serve_control, control, sup, allowed
+                )
+                if metrics is not None and handover is None:  # /healthz while gen 1 starts
+                    await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                 root.start_soon(_handle_signals, sup, signals)
                 root.start_soon(sup.systemd.run_watchdog)
                 if await root.start(_run_until_stopped, sup, handover, root.cancel_scope):
+                    if metrics is not None and handover is not None:  # once it supervises
+                        await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                     release_after_startup()
                     _log_ready(sup, handover)
                     sup.systemd.ready(sup.status_text())
@@ -120,6 +134,8 @@ async def run_supervisor(
                 handover.close()  # whatever was received and not claimed
             if control is not None:
                 control.close()
+            if metrics is not None:
+                metrics.close()
             sup.held.close_all(unlink=sup.successor_pid is None)
             sup.parked.close_all()
             unlink_if_ours(sup.control_path, sup.control_inode)
@@ -156,7 +172,29 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     sup.parked.restore(claimed.parked)
     sup.gens.next_number = claimed.next_generation
     sup.last_upgrade = claimed.last_upgrade
+    sup.metrics.restore(handover.state.metrics)
     return handover
+
+
+def _open_metrics(sup: Supervisor, handover: Handover | None) -> socket.socket | None:
+    """The ``[metrics]`` listener, if configured (``_metrics_http`` on a successor's bind)."""
+    config = sup.loaded.config.metrics
+    if config is None:
+        return None
+    sock = open_metrics_socket(config, successor=handover is not None)
+    sup.metrics.enabled = True
+    log.info("metrics.listening", address=metrics_address(sock))
+    return sock
+
+
+async def _open_metrics_or_refuse(sup: Supervisor, handover: Handover) -> socket.socket | None:
+    """As a successor: a metrics address we cannot bind refuses the handover (the old
+    supervisor carries on)."""
+    try:
+        return _open_metrics(sup, handover)
+    except ListenerError as exc:
+        await handover.refuse(str(exc))
+        raise
 
 
 def _bind_control(control_path: Path, control_mode: int) -> socket.socket:
