@@ -260,3 +260,19 @@ def test_handoffd_metrics_names_the_missing_section(run_daemon: Callable[..., Da
     assert result.returncode == 2, result
     assert "[metrics]" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_idle_supervisor_with_metrics_makes_no_wakeups(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    """The metrics listener waits in accept(2): no timer, no polling while nothing happens."""
+    from tests.integration.test_hygiene import blocked_in_epoll, context_switches
+
+    port = free_port()
+    daemon = run_daemon(processes=1, metrics=f"127.0.0.1:{port}")
+    assert get(port, "/readyz")[0] == 200
+    pid = daemon.proc.pid
+    wait_until(lambda: blocked_in_epoll(pid), 10, "the supervisor to block in epoll_wait")
+    before = context_switches(pid)
+    time.sleep(2.0)  # the measurement window, not a synchronisation
+    assert context_switches(pid) - before == 0
