@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Zero-downtime reload supervisor: holds your listening sockets and replaces "
         "worker generations without refusing a connection.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_options(p: argparse.ArgumentParser) -> None:
@@ -103,7 +104,73 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
+
+    completion = sub.add_parser(
+        "completion", help="print the shell completion script (deploy/completions has them)"
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed metadata only when asked for it.
+
+    argparse's own ``action="version"`` wants the string when the parser is built, and
+    ``importlib.metadata`` would then load on every command's start.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from ._version import version
+
+        print(f"handoffd {version()}")
+        parser.exit()
+
+
+def completion_script(shell: str) -> str:
+    """The completion script for ``shell`` ("bash" or "zsh"), generated from this parser by shtab.
+
+    shtab is imported here only: the other commands never load it (they start as fast as before).
+    ``scripts/completions`` writes the scripts shipped in deploy/completions with it.
+
+    Raises:
+        UsageError: shtab is not installed.
+    """
+    try:
+        import shtab
+    except ImportError:
+        raise UsageError(
+            "shell completion needs shtab, which is not installed: pip install shtab, or use the "
+            "scripts in deploy/completions"
+        ) from None
+    parser = _parser()
+    for action in _all_actions(parser):
+        if action.type is Path:
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    script: str = shtab.complete(parser, shell=shell)
+    return script
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    found = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _all_actions(sub)
+    return found
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(completion_script(args.shell))
+    return EXIT_OK
 
 
 def _named_config(args: argparse.Namespace) -> Path | None:
@@ -350,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _cmd_status,
         "stop": _cmd_stop,
         "metrics": _cmd_metrics,
+        "completion": _cmd_completion,
     }
     try:
         return handlers[args.command](args)

@@ -185,6 +185,10 @@ class ProgramConfig(_Model):
     stop_signal: str = "SIGTERM"
     drain_timeout: _Seconds = 30.0
     fd_delivery: FdDelivery = "listen_fds"
+    # How an upgrade replaces the workers: all at once (twice the workers for the hold), or
+    # ``max_surge`` at a time (never more than processes + max_surge worker trees).
+    strategy: Literal["all-at-once", "rolling"] = "all-at-once"
+    max_surge: int = Field(default=1, ge=1, le=1024)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = Field(default=None, strict=False)
 

@@ -66,7 +66,7 @@ from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
 from ._spawn import DEFAULT_SPAWNER, describe_exit
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import ProgramConfig
@@ -220,6 +220,8 @@ class WorkerSlot:
     restarts: int = 0
     last_exit: str | None = None
     ever_ready: bool = False
+    # Replaced by a rolling upgrade: no worker until the generation recalls it.
+    retired: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
     # What the running worker has shown so far (reset at each spawn; see the module notes).
     notified: bool = False
@@ -297,6 +299,12 @@ class Generation:
         self._hold_begun = trio.Event()
         #: The first reason ``auto`` fell back to READY=1 in this generation (logged once).
         self.fallback: str | None = None
+        # A rolling upgrade (``_rolling``): slots at or above ``enabled`` start no worker yet;
+        # a ``retired`` slot of the old generation stops its worker and waits to be recalled.
+        self.enabled = len(self.slots)
+        self._enabled = trio.Event()
+        self._recalled = trio.Event()
+        self._changed = trio.Event()
 
     def request_drain(self) -> None:
         """Ask the generation to stop (stop_signal, drain_timeout, then SIGKILL)."""
@@ -385,6 +393,50 @@ class Generation:
             if s.process is not None and s.process.returncode is None
         ]
 
+    def enable(self, count: int) -> None:
+        """Let the first ``count`` slots start their workers (a rolling upgrade's next batch)."""
+        self.enabled = count
+        self._enabled.set()
+        self._enabled = trio.Event()
+
+    def batch_ready(self) -> bool:
+        """Whether every enabled slot has been ready (the whole generation, outside rolling)."""
+        return all(s.ever_ready for s in self.slots[: self.enabled])
+
+    async def wait_changed(self) -> None:
+        """Until a slot becomes ready or the generation fails."""
+        await self._changed.wait()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def retire(self, slot: WorkerSlot) -> None:
+        """Stop ``slot``'s worker tree like a drain (stop signal, drain_timeout, SIGKILL) and
+        keep the slot empty until ``recall()``: a rolling upgrade replaced it."""
+        slot.retired = True
+        proc = slot.process
+        if proc is None or proc.returncode is not None:
+            return
+        slot.state = "draining"
+        proc.signal_group(self.spec.program.stop_signum)
+        with trio.move_on_after(self.spec.program.drain_timeout) as timer:
+            await slot.exited.wait()
+            await proc.wait_group_exited()
+        if timer.cancelled_caught:
+            log.warning("worker.drain_timed_out", pid=proc.pid, hint="killed with SIGKILL")
+            proc.signal_group(signal.SIGKILL)
+            with trio.move_on_after(REAP_TIMEOUT_S):
+                await slot.exited.wait()
+                await proc.wait_group_exited()
+
+    def recall(self) -> None:
+        """Undo ``retire`` for every slot: a rolling upgrade failed, the old workers return."""
+        for slot in self.slots:
+            slot.retired = False
+        self._recalled.set()
+        self._recalled = trio.Event()
+
     def _mark_ready(self, slot: WorkerSlot) -> None:
         if self.draining:
             return
@@ -392,7 +444,9 @@ class Generation:
         slot.ever_ready = True
         if all(s.ever_ready for s in self.slots):
             self.ready.set()
+        if self.batch_ready():
             self._settled.set()
+        self._pulse()
 
     def abort(self, reason: str) -> None:
         """Give up on a generation that is not ready yet; it is drained and start() fails."""
@@ -403,6 +457,7 @@ class Generation:
         if self.failure is None:
             self.failure = reason
         self._settled.set()
+        self._pulse()
 
 
 async def run_generation(
@@ -610,6 +665,7 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 code = await _watch_adopted_worker(gen, slot)
             else:
                 await gen._wait_thawed()  # a frozen generation starts no worker
+                await _wait_enabled(gen, slot)
                 if gen.is_draining():
                     break
                 code = await _run_one_worker(gen, slot)
@@ -618,6 +674,8 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
             slot.status = None
             if gen.is_draining():
                 break
+            if slot.retired:
+                continue  # replaced by a rolling upgrade; _wait_enabled holds it until recalled
             if not gen.ready.is_set():
                 gen._fail(f"worker {slot.index} {slot.last_exit} before it was ready")
                 break
@@ -642,6 +700,21 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
             await trio.sleep(backoff)
             backoff = min(backoff * 2, spec.backoff_max)
         slot.state = "exited"
+
+
+async def _wait_enabled(gen: Generation, slot: WorkerSlot) -> None:
+    """A slot of a rolling upgrade waits for its batch; a retired one for a recall."""
+    while (slot.index >= gen.enabled or slot.retired) and not gen.is_draining():
+        slot.state = "exited" if slot.retired else "starting"
+        waits = [gen._enabled.wait, gen._recalled.wait, gen._drain_requested.wait]
+        async with trio.open_nursery() as nursery:
+            for wait in waits:
+                nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:

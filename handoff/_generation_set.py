@@ -67,6 +67,7 @@ class GenerationSet:
         # aborts it gracefully.
         self.starting: Generation | None = None
         self.holding: Generation | None = None
+        self.rolling: Generation | None = None
         self.next_number = 1
         self._on_drained = on_drained
 
@@ -84,8 +85,12 @@ class GenerationSet:
         supervisor: SupervisorConfig,
         fdset: Sequence[tuple[str, Listener]],
         on_created: Callable[[Generation], None],
+        enabled: int | None = None,
     ) -> Generation:
         """Start the next generation in ``nursery`` and return it once every worker is ready.
+
+        ``enabled``: start only that many slots (a rolling upgrade's first batch); the
+        generation stays ``rolling`` (a stop aborts it) until it is promoted or discarded.
 
         Raises:
             SpawnError: it could not become ready (it has been stopped like a drain).
@@ -97,6 +102,9 @@ class GenerationSet:
 
         def created(gen: Generation) -> None:
             self.starting = gen
+            if enabled is not None:
+                gen.enabled = enabled
+                self.rolling = gen
             on_created(gen)
 
         try:
@@ -119,8 +127,9 @@ class GenerationSet:
 
     def abort_new(self, reason: str) -> None:
         """Give up on the generation starting or holding (a stop): it drains, N is untouched."""
-        if self.starting is not None:
-            self.starting.abort(reason)
+        for gen in (self.starting, self.rolling):
+            if gen is not None:
+                gen.abort(reason)
         if self.holding is not None:
             self.holding.lose_hold(reason)
 
@@ -150,6 +159,8 @@ class GenerationSet:
 
     def discard(self, gen: Generation) -> None:
         """Stop a generation that started but will not serve (its hold failed): it drains."""
+        if self.rolling is gen:
+            self.rolling = None
         if gen is not self.current and gen not in self.draining:
             self.draining.append(gen)
         gen.request_drain()
@@ -164,6 +175,8 @@ class GenerationSet:
     def promote(self, gen: Generation) -> Generation | None:
         """Make ``gen`` current; the previous current one drains. Returns that one."""
         old, self.current = self.current, gen
+        if self.rolling is gen:
+            self.rolling = None
         if old is not None:
             self.draining.append(old)
             old.request_drain()

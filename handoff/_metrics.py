@@ -184,11 +184,13 @@ def _signal_name(signum: int) -> str:
 
 
 def phase_durations(reply: UpgradeReply) -> dict[str, float]:
-    """Seconds from each phase event of ``reply`` to the next one (the last: to its end)."""
+    """Seconds from each phase event of ``reply`` to the next one (the last: to its end),
+    summed over a phase that repeats (the batches of a rolling upgrade)."""
     ends = [p.elapsed_s for p in reply.phases[1:]] + [reply.duration_s]
     found: dict[str, float] = {}
     for phase, end in zip(reply.phases, ends, strict=False):  # no phases: nothing
-        found[phase.phase] = round(max(end - phase.elapsed_s, 0.0), 4)
+        spent = max(end - phase.elapsed_s, 0.0)
+        found[phase.phase] = round(found.get(phase.phase, 0.0) + spent, 4)
     return found
 
 

@@ -36,7 +36,7 @@ from structlog.contextvars import bound_contextvars
 
 from ._config import load_config, resolve_runtime_dir
 from ._control import ControlHandler, UpgradeRequest
-from ._errors import HandoffError, SpawnError, UpgradeError
+from ._errors import HandoffError, SpawnError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
@@ -47,6 +47,7 @@ from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
 from ._readiness import probe_proc
 from ._reconfigure import apply_changes, refuse_unappliable
+from ._rolling import bring_up
 from ._spawn import DEFAULT_SPAWNER
 from ._status import status_info, status_text
 from ._systemd import SystemdNotifier, monotonic_usec
@@ -280,15 +281,7 @@ class Supervisor(ControlHandler):
                 plan = self.held.plan(loaded)
                 processes = loaded.config.program.processes
                 ticket.phase("spawning", f"generation {self.gens.next_number}, {processes} workers")
-                gen = await self._start_generation(loaded, plan.wanted)
-                ticket.phase("ready", f"generation {gen.number} pids {gen.pids()}")
-                self.machine.to("holding", generation=gen.number)
-                hold = loaded.config.program.hold
-                if hold > 0:
-                    ticket.phase("holding", f"{hold:.1f}s")
-                lost = await self.gens.hold(gen, hold, stopping=self.stop_requested.is_set())
-                if lost is not None:
-                    raise UpgradeError(lost)
+                gen = await self._start_generation(loaded, plan.wanted, ticket)
             except HandoffError as exc:
                 reason: str | None = str(exc)
             except Exception as exc:  # the upgrade boundary: N keeps serving whatever happened
@@ -297,9 +290,6 @@ class Supervisor(ControlHandler):
             else:
                 reason = None
             if reason is not None or plan is None or gen is None:
-                if gen is not None:  # started, but will not serve: drained like a failed start
-                    ticket.phase("stopping", f"generation {gen.number}")
-                    await self.gens.stop_failed(gen)
                 if plan is not None:
                     self.held.roll_back(plan)
                 reply = ticket.failed(reason or "no listener plan", self.gens.number())
@@ -397,17 +387,32 @@ class Supervisor(ControlHandler):
     # ---- generations ----
 
     async def _start_generation(
-        self, loaded: LoadedConfig, listeners: Mapping[str, Listener]
+        self,
+        loaded: LoadedConfig,
+        listeners: Mapping[str, Listener],
+        ticket: UpgradeTicket | None = None,
     ) -> Generation:
-        """Spawn the next generation and return it once ready; raises ``SpawnError`` if not."""
+        """Bring up the next generation (``_rolling``): ready, and through its hold if it is
+        an upgrade's; raises ``HandoffError`` with the reason if it cannot serve."""
         assert self._root is not None
         config = loaded.config
         program = config.program
         self.systemd.extend_timeout(program.ready_timeout + program.hold + SYSTEMD_SLACK_S)
         # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
         fdset = [(lc.name, listeners[lc.name]) for lc in config.listener]
-        return await self.gens.start(
-            self._root, config.program, config.supervisor, fdset, self._created
+        if ticket is None:  # generation 1: nothing to hold against
+            return await self.gens.start(
+                self._root, program, config.supervisor, fdset, self._created
+            )
+        return await bring_up(
+            self.gens,
+            self._root,
+            loaded,
+            fdset,
+            on_created=self._created,
+            phase=ticket.phase,
+            to_phase=lambda phase: self.machine.to(phase),
+            stopping=self.stop_requested.is_set,
         )
 
     def _created(self, gen: Generation) -> None:

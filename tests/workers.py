@@ -5,7 +5,8 @@ written by someone else would (no handoff library).
 
 Modes:
 - ``serve`` (default): HTTP on every passed stream socket, READY=1, drains on SIGTERM.
-- ``exit``: exits 1 at once (a broken new version).
+- ``exit``: exits 1 at once (a broken new version); ``WORKER_EXIT_INDEX=N`` makes only worker
+  N of a generation do so.
 - ``never_ready``: serves but never sends READY=1.
 - ``ignore_term``: serves, but ignores SIGTERM (must be SIGKILLed after drain_timeout).
 - ``shutdown_on_term``: serves; when told to drain, calls shutdown(SHUT_RDWR) on its inherited
@@ -172,6 +173,8 @@ def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = Fa
 
 def main() -> None:
     mode = os.environ.get("WORKER_MODE", "serve")
+    if os.environ.get("WORKER_EXIT_INDEX") == os.environ.get("HANDOFF_WORKER", "-"):
+        mode = "exit"  # only this worker of the generation is broken
     if mode == "exit":
         print("test worker: failing on purpose", file=sys.stderr)
         sys.exit(1)

@@ -98,6 +98,8 @@ def reply(duration: float, *phases: tuple[str, float], ok: bool = True) -> Upgra
 def test_phase_durations_run_from_each_event_to_the_next():
     got = phase_durations(reply(3.5, ("config_loaded", 0.01), ("spawning", 0.02), ("ready", 1.5)))
     assert got == {"config_loaded": 0.01, "spawning": 1.48, "ready": 2.0}
+    rolling = reply(4.0, ("spawning", 0.0), ("ready", 1.0), ("spawning", 2.0), ("ready", 2.5))
+    assert phase_durations(rolling) == {"spawning": 1.5, "ready": 2.5}  # batches add up
 
 
 def test_the_counters_survive_a_dump_and_restore_and_bad_state_costs_only_them(base):
