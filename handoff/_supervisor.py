@@ -155,6 +155,7 @@ class Supervisor(ControlHandler):
         delay = self.loaded.config.supervisor.stop_delay
         if self.metrics.announce_stop() and delay > 0 and self._root is not None:
             log.info("supervisor.unready", stop_delay_s=delay)
+            self.systemd.extend_timeout(delay + SYSTEMD_SLACK_S)  # then _shutdown extends again
             self._root.start_soon(self._stop_after, delay)
             return
         if not self.stop_requested.is_set():
