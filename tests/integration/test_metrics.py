@@ -276,3 +276,23 @@ def test_an_idle_supervisor_with_metrics_makes_no_wakeups(
     before = context_switches(pid)
     time.sleep(2.0)  # the measurement window, not a synchronisation
     assert context_switches(pid) - before == 0
+
+
+def test_a_successor_that_cannot_bind_the_metrics_address_refuses_the_handover(
+    run_daemon: Callable[..., Daemon],
+) -> None:
+    port = free_port()
+    daemon = run_daemon(processes=1, metrics=f"127.0.0.1:{port}")
+    pid = daemon.pid
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = taken.getsockname()[1]
+        write_config(daemon.config, daemon.runtime_dir, processes=1, metrics=f"127.0.0.1:{busy}")
+        code, reply = daemon.self_upgrade()
+    assert code == 1, reply
+    assert f"cannot listen for metrics on 127.0.0.1:{busy}" in reply["reason"], reply
+    assert daemon.status()["pid"] == pid
+    samples = scrape(port)  # the old supervisor still answers, and counted the failure
+    assert upgrades(samples, "supervisor", "failed") == 1
+    assert value(samples, "handoffd_ready") == 1
