@@ -50,7 +50,9 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import _client
+from ._peercred import peer_uid
 from ._phases import Phase, WorkerState  # noqa: TC001  pydantic resolves them at run time
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -188,6 +190,8 @@ class StatusInfo(_Wire):
     #: Why not, when ``serving`` is false (``handoffd status`` then exits 4).
     not_serving: str | None = None
     generations: list[GenerationInfo] = Field(default_factory=list)
+    #: What this platform lacks, "what: why" (see _platform.degradations); empty on new Linux.
+    degraded: list[str] = Field(default_factory=list)
 
 
 class StopReply(_Wire):
@@ -257,7 +261,7 @@ def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -269,12 +273,6 @@ def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def peer_uid(sock: trio.socket.SocketType) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 # accept(2) errors about the one connection being accepted (it went away first): take the next

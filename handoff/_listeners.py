@@ -40,6 +40,7 @@ import structlog
 
 from ._errors import ListenerError
 from ._match import KIND_TYPES, address_matches
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -282,7 +283,7 @@ def bind_listener(config: ListenerConfig) -> Listener:
     """
     addr = config.parsed_address
     where = f"listener {config.name!r} ({config.address})"
-    sock = socket.socket(_family_of(addr), KIND_TYPES[addr.kind] | socket.SOCK_CLOEXEC)
+    sock = socket.socket(_family_of(addr), KIND_TYPES[addr.kind] | SOCK_CLOEXEC)
     lock_fd: int | None = None
     path_identity: tuple[int, int] | None = None
     try:
@@ -386,7 +387,7 @@ def _answers(path: str) -> bool:
     ECONNREFUSED (or the file gone) means stale. Other errors (EACCES) mean we cannot tell, and
     count as live: removing a socket someone else serves is worse than asking the operator.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC) as probe:
         probe.setblocking(False)
         try:
             probe.connect(path)

@@ -69,6 +69,9 @@ OUTCOMES: Final = ("ok", "failed")
 # linux/tcp.h: tcpi_state is byte 0; tcpi_unacked/tcpi_sacked are the u32s at offsets 24/28.
 _TCP_INFO_SIZE: Final = 32
 _TCP_LISTEN: Final = 10  # TCP_LISTEN in include/net/tcp_states.h
+# Linux only (0 elsewhere: other kernels' TCP_INFO is another structure, and there is no netlink).
+_TCP_INFO: Final[int] = int(getattr(socket, "TCP_INFO", 0))
+_AF_NETLINK: Final[int] = int(getattr(socket, "AF_NETLINK", 0))
 # linux/netlink.h, linux/sock_diag.h, linux/unix_diag.h
 _NETLINK_SOCK_DIAG: Final = 4
 _SOCK_DIAG_BY_FAMILY: Final = 20
@@ -85,9 +88,12 @@ _UNIX_DIAG_MSG_SIZE: Final = 16  # family, type, state, pad, ino, cookie[2]
 
 
 def tcp_accept_queue(sock: socket.socket) -> tuple[int, int] | None:
-    """(connections waiting to be accepted, backlog) of a TCP listener; None if not listening."""
+    """(connections waiting to be accepted, backlog) of a TCP listener; None if not listening
+    (or not Linux: other kernels' TCP_INFO is another structure)."""
+    if not _TCP_INFO:
+        return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_SIZE)
     except OSError:
         return None
     if len(info) < _TCP_INFO_SIZE or info[0] != _TCP_LISTEN:
@@ -98,7 +104,10 @@ def tcp_accept_queue(sock: socket.socket) -> tuple[int, int] | None:
 
 def unix_accept_queue(inode: int) -> tuple[int, int] | None:
     """(connections waiting to be accepted, backlog) of the Unix listener with socket inode
-    ``inode``, from sock_diag; None if the kernel cannot say (no unix_diag) or it is gone."""
+    ``inode``, from sock_diag; None if the kernel cannot say (no unix_diag, not Linux) or it is
+    gone."""
+    if not _AF_NETLINK:
+        return None
     request = _UNIX_DIAG_REQ.pack(
         socket.AF_UNIX, 0, 0, 1 << _TCP_LISTEN, inode, _UDIAG_SHOW_RQLEN, _NO_COOKIE, _NO_COOKIE
     )
@@ -106,9 +115,7 @@ def unix_accept_queue(inode: int) -> tuple[int, int] | None:
         _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0
     )
     try:
-        with socket.socket(
-            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG
-        ) as nl:
+        with socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
             nl.send(header + request)
             # The kernel answers within send(): nothing to wait for.
             data = nl.recv(8192, socket.MSG_DONTWAIT)

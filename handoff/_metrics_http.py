@@ -10,8 +10,9 @@ Design notes:
   read within it, and each connection carries one request (``Connection: close``). Nothing a
   client does ends the accept loop; accept errors are retried as the control server does. The
   rendering of an answer is a boundary of its own: a bug there is logged and answered 500.
-- The listening socket is ours alone (never a held listener): it is close-on-exec, so no
-  worker inherits it, and trio may make it non-blocking.
+- The listening socket is ours alone (never a held listener): it is close-on-exec (Python
+  creates every socket non-inheritable, PEP 446), so no worker inherits it, and trio may make it
+  non-blocking.
 - A self-upgrade's successor binds the same address next to ours (``SO_REUSEPORT``, which the
   kernel allows only to sockets of the same effective uid, so no other user can join): the
   two listen side by side until this supervisor exits. The successor listens only once it
@@ -72,10 +73,10 @@ def open_metrics_socket(config: MetricsConfig, *, successor: bool) -> socket.soc
     where = (address.host, address.port)
     try:
         if not successor and address.port != 0:
-            with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(where)
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
         raise _bind_error(config, exc) from exc
     try:

@@ -17,18 +17,29 @@ import array
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 
+from ._platform import SOCK_CLOEXEC
 from ._sdnotify import SCM_MAX_FD
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+# Linux attaches each sender's credentials (SO_PASSCRED) and sets close-on-exec on received fds
+# atomically; elsewhere neither exists (``_peercred`` says what guards the notify sockets there).
+if sys.platform == "linux":
+    _RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+    _SCM_CREDENTIALS: Final = socket.SCM_CREDENTIALS
+else:
+    _RECV_FLAGS: Final = 0
+    _SCM_CREDENTIALS: Final = -1
 
 # A notify datagram is small; systemd itself reads at most PIPE_BUF-ish lines. 64 KiB is far more
 # than any sane message and bounds what a misbehaving worker can make us buffer.
@@ -111,12 +122,13 @@ class NotifyReceiver:
 
     @classmethod
     def bind(cls, path: str) -> NotifyReceiver:
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raw.bind(path)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            if sys.platform == "linux":  # elsewhere the 0700 runtime dir guards it (_peercred)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         except BaseException:
             raw.close()
             raise
@@ -128,7 +140,7 @@ class NotifyReceiver:
         cred_space = socket.CMSG_SPACE(12)  # struct ucred: pid, uid, gid
         while True:
             data, ancdata, flags, _ = await self.sock.recvmsg(
-                NOTIFY_MAX_DATAGRAM, fd_space + cred_space, socket.MSG_CMSG_CLOEXEC
+                NOTIFY_MAX_DATAGRAM, fd_space + cred_space, _RECV_FLAGS
             )
             fds: list[int] = []
             pid: int | None = None
@@ -137,8 +149,11 @@ class NotifyReceiver:
                     arr = array.array("i")
                     arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                     fds.extend(arr)
-                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                elif level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS:
                     pid = int.from_bytes(payload[0:4], "little", signed=True)
+            if not _RECV_FLAGS:
+                for fd in fds:  # no MSG_CMSG_CLOEXEC here: close-on-exec right after
+                    os.set_inheritable(fd, False)
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
                 close_fds(fds)
                 log.warning("notify.truncated", path=self.path, sender_pid=pid)

@@ -2,7 +2,8 @@
 
 The supervisor, the generations and the handover never call ``posix_spawn``, ``pidfd_open`` or
 ``waitid`` themselves; they go through a ``Spawner`` that returns ``ProcessHandle`` objects.
-The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.3+). Unit tests pass
+The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.4+); ``_portable`` has
+the one for kernels without pidfds (kqueue, or SIGCHLD + waitid). Unit tests pass
 the fakes of ``tests/fakes.py`` instead, so the state machine runs on trio's virtual clock with
 processes the test drives (the shape tableflip's ``env`` struct gives its upgrader).
 
@@ -82,6 +83,10 @@ class ProcessHandle(Protocol):
 
 class Spawner(Protocol):
     """Starts worker processes and adopts handed-over ones."""
+
+    #: Why a self-upgrade cannot hand this spawner's processes to a successor here (the
+    #: user-facing refusal, with the fix), or None when it can.
+    handover_refusal: str | None
 
     def spawn(
         self,

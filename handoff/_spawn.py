@@ -28,6 +28,7 @@ Design notes:
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import shutil
@@ -42,8 +43,10 @@ import trio
 from ._errors import SpawnError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
+
+    from ._processes import ProcessHandle
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -86,7 +89,7 @@ def become_subreaper() -> str | None:
     Linux only (prctl(2) ``PR_SET_CHILD_SUBREAPER``, since 3.4). Elsewhere orphans go to init
     and a generation's tree is what its process groups still hold.
     """
-    if not sys.platform.startswith("linux"):
+    if os.uname().sysname != "Linux":  # not sys.platform: mypy --platform darwin checks on
         return f"{sys.platform} has no PR_SET_CHILD_SUBREAPER"
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -183,13 +186,8 @@ class WorkerProcess:
     def _reap(self) -> int:
         code = 0
         if self.is_child:
-            try:
-                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            except ChildProcessError:
-                info = None
-            if info is not None:
-                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-            _unreaped.discard(self.pid)
+            code = _reap_pidfd(self.pidfd)
+            untrack_child(self.pid)
         self.returncode = code
         self.close()
         return code
@@ -198,53 +196,114 @@ class WorkerProcess:
         """Signal the worker; a no-op once it has exited (the pidfd prevents pid reuse races)."""
         if self.returncode is not None:
             return
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            # A worker that became another user (setuid) cannot be signalled by a non-root
-            # handoffd; a drain then ends with its timeout. Never an error that ends the daemon.
-            log.warning(
-                "worker.signal_refused",
-                pid=self.pid,
-                signal=sig,
-                hint="run handoffd as root, or keep the worker's uid",
-            )
+        deliver_signal(self.pid, sig, lambda: _pidfd_send_signal(self.pidfd, sig))
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def signal_group(self, sig: int) -> None:
-        """Signal the worker's process group (see the module notes on pid reuse)."""
-        if not self.is_child:
-            self.send_signal(sig)
-        elif self.returncode is None:
-            left_group = process_group_of(self.pid) not in (self.pid, None)
-            _killpg(self.pid, sig)
-            if left_group:  # the worker moved to another group; its old one got the signal
-                self.send_signal(sig)
-        elif group_orphans(self.pid):
-            _killpg(self.pid, sig)
+        signal_group(self, sig)
 
     def group_roots(self) -> list[int]:
-        alive = [self.pid] if self.returncode is None else []
-        return alive + (group_orphans(self.pid) if self.is_child else [])
+        return group_roots(self)
 
     async def wait_group_exited(self) -> None:
-        """Wait (on ``reap_orphans``, driven by SIGCHLD) until the group has no member left."""
-        await trio.lowlevel.checkpoint()
-        while self.is_child:
-            reaped = _reaped_event()
-            if not group_orphans(self.pid):
-                return
-            await reaped.wait()
+        await wait_group_exited(self)
 
     def close(self) -> None:
         if self.pidfd >= 0:
             trio.lowlevel.notify_closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+# The tree of a worker, for every watcher (pidfds here, ``_portable`` elsewhere): the handle
+# only supplies pid, is_child, returncode and send_signal.
+
+
+def signal_group(process: ProcessHandle, sig: int) -> None:
+    """Signal the worker's process group (see the module notes on pid reuse)."""
+    if not process.is_child:
+        process.send_signal(sig)
+    elif process.returncode is None:
+        left_group = process_group_of(process.pid) not in (process.pid, None)
+        _killpg(process.pid, sig)
+        if left_group:  # the worker moved to another group; its old one got the signal
+            process.send_signal(sig)
+    elif group_orphans(process.pid):
+        _killpg(process.pid, sig)
+
+
+def group_roots(process: ProcessHandle) -> list[int]:
+    """The worker (while it lives) and the members of its group reparented to us."""
+    alive = [process.pid] if process.returncode is None else []
+    return alive + (group_orphans(process.pid) if process.is_child else [])
+
+
+async def wait_group_exited(process: ProcessHandle) -> None:
+    """Wait (on ``reap_orphans``, driven by SIGCHLD) until the group has no member left."""
+    await trio.lowlevel.checkpoint()
+    while process.is_child:
+        reaped = _reaped_event()
+        if not group_orphans(process.pid):
+            return
+        await reaped.wait()
+
+
+def track_child(pid: int) -> None:
+    """A worker whose exit status a watcher owns: ``reap_orphans`` must never reap it."""
+    _unreaped.add(pid)
+
+
+def untrack_child(pid: int) -> None:
+    """Its watcher reaped it."""
+    _unreaped.discard(pid)
+
+
+def deliver_signal(pid: int, sig: int, send: Callable[[], None]) -> None:
+    """Run ``send`` (which signals ``pid``); a process already gone is no error, nor a refusal.
+
+    A worker that became another user (setuid) cannot be signalled by a non-root handoffd; a
+    drain then ends with its timeout. Never an error that ends the daemon.
+    """
+    try:
+        send()
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning(
+            "worker.signal_refused",
+            pid=pid,
+            signal=sig,
+            hint="run handoffd as root, or keep the worker's uid",
+        )
+
+
+# The Linux-only calls, each guarded so that the module type-checks (and imports) elsewhere.
+def _pidfd_open(pid: int) -> int:
+    if sys.platform == "linux":
+        return os.pidfd_open(pid)
+    raise OSError(errno.ENOSYS, f"pidfd_open(2) is Linux only (this is {sys.platform})")
+
+
+def _pidfd_send_signal(pidfd: int, sig: int) -> None:
+    if sys.platform == "linux":
+        signal.pidfd_send_signal(pidfd, sig)
+        return
+    raise OSError(errno.ENOSYS, f"pidfd_send_signal(2) is Linux only (this is {sys.platform})")
+
+
+def _reap_pidfd(pidfd: int) -> int:
+    """waitid(P_PIDFD): the exit code, or -signal; 0 when someone else reaped it."""
+    if sys.platform == "linux":
+        try:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        except ChildProcessError:
+            return 0
+        if info is None:
+            return 0
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+    raise OSError(errno.ENOSYS, f"waitid(P_PIDFD) is Linux only (this is {sys.platform})")
 
 
 def describe_exit(code: int) -> str:
@@ -282,7 +341,7 @@ def resolve_command(command: Sequence[str], environ: Mapping[str, str], cwd: Pat
     return found
 
 
-def spawn_worker(
+def start_process(
     command: Sequence[str],
     *,
     environ: Mapping[str, str],
@@ -290,13 +349,13 @@ def spawn_worker(
     set_listen_pid: bool,
     cwd: Path | None = None,
     own_process_group: bool = True,
-) -> WorkerProcess:
-    """Start ``command`` with ``fds`` at 3, 4, ... and return it as a pidfd-backed process.
+) -> int:
+    """Start ``command`` with ``fds`` at 3, 4, ... and return its pid; the caller watches it.
 
     The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
     the worker also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
     the child in our process group (a successor supervisor, which must get the terminal's
-    Ctrl-C as we do).
+    Ctrl-C as we do). Shared by every process watcher (pidfds here, ``_portable`` elsewhere).
 
     Raises:
         SpawnError: the command cannot be found or started.
@@ -344,20 +403,32 @@ def spawn_worker(
     finally:
         for fd in staged:
             os.close(fd)
+    return pid
+
+
+def watch_child(pid: int, program: str) -> WorkerProcess:
+    """Watch the child ``start_process`` just started through a pidfd (Linux 5.4+).
+
+    Raises:
+        SpawnError: no pidfd could be opened; the child has been killed and reaped.
+    """
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = _pidfd_open(pid)
     except OSError as exc:
         # Never leave a worker we cannot watch holding the listeners: kill and reap it now.
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise SpawnError(f"cannot watch {command[0]!r} (pid {pid}): {exc.strerror}") from exc
-    _unreaped.add(pid)
+        raise SpawnError(f"cannot watch {program!r} (pid {pid}): {exc.strerror}") from exc
+    track_child(pid)
     return WorkerProcess(pid=pid, pidfd=pidfd)
 
 
 @final
 class PidfdSpawner:
     """The default ``Spawner`` (see ``_processes``): posix_spawn, watched through pidfds."""
+
+    #: pidfds travel to a successor: a self-upgrade can always hand the workers over.
+    handover_refusal: str | None = None
 
     def spawn(
         self,
@@ -369,7 +440,7 @@ class PidfdSpawner:
         cwd: Path | None = None,
         own_process_group: bool = True,
     ) -> WorkerProcess:
-        return spawn_worker(
+        pid = start_process(
             command,
             environ=environ,
             fds=fds,
@@ -377,6 +448,7 @@ class PidfdSpawner:
             cwd=cwd,
             own_process_group=own_process_group,
         )
+        return watch_child(pid, command[0])
 
     def adopt(self, pid: int, pidfd: int | None = None) -> WorkerProcess:
         return adopt_process(pid, pidfd)
@@ -397,5 +469,5 @@ def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
         ProcessLookupError: (without ``pidfd``) no process has this pid any more.
     """
     return WorkerProcess(
-        pid=pid, pidfd=os.pidfd_open(pid) if pidfd is None else pidfd, is_child=False
+        pid=pid, pidfd=_pidfd_open(pid) if pidfd is None else pidfd, is_child=False
     )

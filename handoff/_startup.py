@@ -25,15 +25,17 @@ import trio
 
 from ._config import control_socket_path
 from ._control import UpgradeRequest, bind_control_socket, serve_control
-from ._errors import ListenerError
+from ._errors import ConfigError, ListenerError
 from ._held import open_listeners
 from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
 from ._metrics_http import metrics_address, open_metrics_socket, serve_metrics_http
 from ._paths import HANDOVER_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file
+from ._platform import record as record_degradations
+from ._portable import reap_children, select_spawner
 from ._runtime_dir import open_runtime_dir, refuse_if_running, unlink_if_ours
-from ._spawn import DEFAULT_SPAWNER, become_subreaper, reap_orphans
+from ._spawn import become_subreaper, reap_orphans
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -52,14 +54,20 @@ async def run_supervisor(
     loaded: LoadedConfig,
     environ: Mapping[str, str],
     *,
-    spawner: Spawner = DEFAULT_SPAWNER,
+    spawner: Spawner | None = None,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run handoffd until stopped: listeners, control socket, generation 1, upgrades.
 
+    ``spawner`` defaults to the one this kernel supports (``_portable.select_spawner``:
+    pidfds, else kqueue, else SIGCHLD + waitid; ``HANDOFF_PLATFORM=portable`` forces the
+    portable one).
+
     Raises:
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
+    if spawner is None:
+        spawner = _platform_spawner(environ)
     handover_fd = environ.get(HANDOVER_FD_ENV)
     environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
     raise_nofile_limit(environ)
@@ -145,6 +153,22 @@ async def run_supervisor(
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
 
 
+def _platform_spawner(environ: Mapping[str, str]) -> Spawner:
+    """Choose the process watcher for this kernel; log and record each degradation once.
+
+    Raises:
+        ConfigError: ``HANDOFF_PLATFORM`` has an unknown value.
+    """
+    try:
+        spawner, degraded = select_spawner(environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    record_degradations(degraded)
+    for each in degraded:
+        log.warning("platform.degraded", what=each.what, why=each.why)
+    return spawner
+
+
 async def _run_until_stopped(
     sup: Supervisor,
     handover: Handover | None,
@@ -164,7 +188,9 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     from ._handover import Handover
 
     supervisor = sup.loaded.config.supervisor
-    handover = await Handover.receive(handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout)
+    handover = await Handover.receive(
+        handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout, sup.gens.spawner
+    )
     claimed = handover.claim()
     sup.held.systemd = sup.systemd = claimed.systemd
     sup.held.adopt(claimed.listeners)
@@ -224,6 +250,7 @@ async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGCHLD:
+            reap_children(sup.gens.spawner)  # the waitid watcher's workers first: their status
             for pid, group in reap_orphans():
                 log.info(
                     "orphan.reaped",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from ._control import GenerationInfo, ListenerInfo, StatusInfo, WorkerInfo
 from ._observe import walk_tree
+from ._platform import recorded
 from ._version import version
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ def status_info(
             )
             for g in generations
         ],
+        degraded=[d.text() for d in recorded()],
     )
 
 

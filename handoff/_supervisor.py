@@ -340,6 +340,7 @@ class Supervisor(ControlHandler):
                 systemd=self.systemd,
                 self_upgrade_timeout=self.loaded.config.supervisor.self_upgrade_timeout,
                 generation=self.gens.number(),
+                spawner=self.gens.spawner,
             )
         finally:
             if outcome is None or outcome.successor_pid is None:

@@ -117,6 +117,7 @@ class FakeSpawner:
     """A ``Spawner`` whose processes are ``FakeProcess``es; ``behaviour`` runs on each spawn."""
 
     behaviour: Behaviour = ready_at_once
+    handover_refusal: str | None = None
     processes: list[FakeProcess] = field(default_factory=list)
     fail_with: str | None = None
     #: Set: every tree is unobservable with this reason (a host where /proc shows nothing).
