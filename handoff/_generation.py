@@ -206,6 +206,8 @@ class GenerationSpec:
     probe: ReadinessProbe = probe_proc
     #: Where worker exits and restarts are counted, if anywhere.
     counters: WorkerCounters | None = None
+    #: Called once a worker process is in a slot (spawned or adopted), its notify socket set.
+    on_spawned: Callable[[], None] = lambda: None
 
 
 @final
@@ -776,6 +778,7 @@ async def _supervise_worker(
     """
     slot.notify, slot.channel = receiver, channel
     gen._track(proc)
+    gen.spec.on_spawned()
     program = gen.spec.program
     try:
         try:

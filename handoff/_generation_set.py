@@ -70,6 +70,9 @@ class GenerationSet:
         self.rolling: Generation | None = None
         self.next_number = 1
         self._on_drained = on_drained
+        #: Called when what is supervised changed: a worker spawned or adopted, a generation
+        #: promoted, adopted or drained (``_custody`` keeps its record current with it).
+        self.on_change: Callable[[], None] = lambda: None
 
     def all(self) -> list[Generation]:
         """The live generations: the current one first, then those still draining."""
@@ -180,6 +183,7 @@ class GenerationSet:
         if old is not None:
             self.draining.append(old)
             old.request_drain()
+        self.on_change()
         return old
 
     async def adopt(
@@ -209,6 +213,7 @@ class GenerationSet:
                 self.current = gen
             else:
                 self.draining.append(gen)
+            self.on_change()
 
     def live_workers(self) -> int:
         """Worker processes alive in any generation, including one starting or holding."""
@@ -251,6 +256,7 @@ class GenerationSet:
             self.draining.remove(gen)
             log.info("generation.drained", generation=gen.number)
             self._on_drained()
+            self.on_change()
 
     def _spec(
         self,
@@ -279,6 +285,7 @@ class GenerationSet:
             probe=self.probe,
             live_workers=self.live_workers,
             counters=self.counters,
+            on_spawned=lambda: self.on_change(),
         )
 
 

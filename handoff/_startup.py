@@ -25,6 +25,7 @@ import trio
 
 from ._config import control_socket_path
 from ._control import UpgradeRequest, bind_control_socket, serve_control
+from ._custody import CustodyKeeper, recover_orphans
 from ._errors import ConfigError, ListenerError
 from ._held import open_listeners
 from ._limits import raise_nofile_limit
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ._config import LoadedConfig
+    from ._custody import Orphans
     from ._handover import Handover
     from ._processes import Spawner
 
@@ -96,16 +98,29 @@ async def run_supervisor(
             "only for what its process groups still hold",
         )
     handover: Handover | None = None
+    orphans: Orphans | None = None
     control: socket.socket | None = None
     metrics: socket.socket | None = None
     sup.control_path = control_path
+    custody = CustodyKeeper(
+        runtime.root, sup.held, sup.gens, loaded.path, lambda: sup.successor_pid is not None
+    )
+    sup.gens.on_change = custody.update
     with trio.open_signal_receiver(*signals_wanted) as signals:
         try:
             if handover_fd is None:
-                sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
+                # What a killed predecessor left serving is taken back, not bound again.
+                orphans = recover_orphans(
+                    runtime.root, sup.notify_dir, loaded, environ, control_path
+                )
+                taken = orphans.claim_listeners() if orphans is not None else {}
+                if orphans is not None:
+                    sup.gens.next_number = orphans.next_generation
+                sup.held.adopt(open_listeners(loaded, environ, sup.systemd, taken=taken))
                 metrics = _open_metrics(sup, None)
                 control = _bind_control(control_path, control_mode)
                 write_configured_pid_file(supervisor.pid_file)
+                custody.claim()
             else:
                 handover = await _receive(sup, handover_fd)
                 metrics = await _open_metrics_or_refuse(sup, handover)
@@ -130,7 +145,9 @@ async def run_supervisor(
                     await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                 root.start_soon(_handle_signals, sup, signals)
                 root.start_soon(sup.systemd.run_watchdog)
-                if await root.start(_run_until_stopped, sup, handover, root.cancel_scope):
+                if await root.start(_run_until_stopped, sup, handover, orphans, root.cancel_scope):
+                    if handover is not None:
+                        custody.claim()  # in charge now, the workers adopted
                     if metrics is not None and handover is not None:  # once it supervises
                         await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                     release_after_startup()
@@ -140,6 +157,9 @@ async def run_supervisor(
         finally:
             if handover is not None:
                 handover.close()  # whatever was received and not claimed
+            if orphans is not None:
+                orphans.close()  # whatever was taken back and not adopted
+            custody.remove()
             if control is not None:
                 control.close()
             if metrics is not None:
@@ -172,6 +192,7 @@ def _platform_spawner(environ: Mapping[str, str]) -> Spawner:
 async def _run_until_stopped(
     sup: Supervisor,
     handover: Handover | None,
+    orphans: Orphans | None,
     root: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
@@ -179,7 +200,7 @@ async def _run_until_stopped(
     """Run the supervisor; once it has drained and returned, end the control server and the
     rest of the root nursery too."""
     try:
-        await sup.run(handover, task_status=task_status)
+        await sup.run(handover, orphans, task_status=task_status)
     finally:
         root.cancel()
 

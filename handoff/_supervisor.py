@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
     from ._config import LoadedConfig
     from ._control import StatusInfo, UpgradeEvent, UpgradeReply
+    from ._custody import Orphans
     from ._generation import Generation
     from ._handover import Handover, HandoverOutcome, SupervisorView
     from ._held import ListenerPlan
@@ -183,10 +184,14 @@ class Supervisor(ControlHandler):
     async def run(
         self,
         handover: Handover | None = None,
+        orphans: Orphans | None = None,
         *,
         task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Start generation 1 (or adopt the handed-over ones), run upgrades until stopped, drain.
+
+        ``orphans``: the workers a killed predecessor left running (``_custody``) are adopted
+        first; a fresh generation starts only if none of them is current.
 
         Calls ``task_status.started(True)`` once serving, or ``started(False)`` when a stop came
         before generation 1 was ready (it was drained; a clean exit).
@@ -198,9 +203,18 @@ class Supervisor(ControlHandler):
             self._root = root
             if handover is not None:
                 await self._adopt(handover)
-            elif not await self._start_first(root):
-                task_status.started(False)
-                return
+            else:
+                if orphans is not None:
+                    await self.gens.adopt(
+                        root,
+                        orphans.claim_generations(),
+                        orphans.current,
+                        self.loaded.config.supervisor,
+                        self.held.by_name,
+                    )
+                if self.current is None and not await self._start_first(root):
+                    task_status.started(False)
+                    return
             self.machine.to("running")
             task_status.started(True)
             async with trio.open_nursery() as upgrades:

@@ -326,7 +326,11 @@ def test_self_upgrade_keeps_the_control_socket_when_new_fails_after_binding_its_
 
     def control_socket_untouched() -> None:
         assert control.stat().st_ino == inode
-        assert sorted(p.name for p in daemon.runtime_dir.iterdir()) == ["control.sock", "notify"]
+        assert sorted(p.name for p in daemon.runtime_dir.iterdir()) == [
+            "control.sock",
+            "custody.json",
+            "notify",
+        ]
 
     _assert_failed_self_upgrade_keeps_old_in_charge(
         daemon,
