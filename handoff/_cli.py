@@ -32,7 +32,7 @@ from ._errors import (
 from ._paths import SUN_PATH_MAX, find_control_socket
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 DEFAULT_CONFIG = Path("/etc/handoffd/handoffd.toml")
 #: How long ``status`` and ``stop`` wait for the daemon's reply (not for the drain after it).
@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     stop.add_argument(
         "--no-wait", action="store_true", help="return once the daemon accepted the request"
     )
+
+    metrics = sub.add_parser(
+        "metrics", help="print the metrics in Prometheus' text format (needs [metrics])"
+    )
+    client_options(metrics)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
@@ -272,16 +277,25 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
 
     request = {"op": "upgrade", "supervisor": args.supervisor, "exec_path": args.exec_path}
     reply = call(path, request, on_event=on_event, timeout=args.timeout)
-    if args.json:
-        _print_json(reply)
-        failed = _exit_for_error(reply)
-    else:
-        failed = _error_reply(reply)
-        if failed is None:
-            _print_outcome(reply)
+    failed = _show(args, reply, _print_outcome)
     if failed is not None:
         return failed
     return EXIT_OK if reply.get("ok") else EXIT_UPGRADE_FAILED
+
+
+def _show(
+    args: argparse.Namespace,
+    reply: dict[str, object],
+    render: Callable[[dict[str, object]], object],
+) -> int | None:
+    """Print ``reply`` as JSON (``--json``) or ``render`` it; the exit code of an error reply."""
+    if args.json:
+        _print_json(reply)
+        return _exit_for_error(reply)
+    failed = _error_reply(reply)
+    if failed is None:
+        render(reply)
+    return failed
 
 
 def _print_outcome(reply: dict[str, object]) -> None:
@@ -370,6 +384,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return serving
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    """The daemon's text exposition, as its ``GET /metrics`` serves it (the daemon renders it:
+    this client stays free of prometheus-client)."""
+    path = _socket_path(args)
+    reply = call(path, {"op": "metrics"}, timeout=STATUS_TIMEOUT)
+    failed = _show(args, reply, lambda r: sys.stdout.write(str(r.get("text", ""))))
+    return EXIT_OK if failed is None else failed
+
+
 def _cmd_stop(args: argparse.Namespace) -> int:
     path = _socket_path(args)
 
@@ -402,6 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "upgrade": _cmd_upgrade,
         "status": _cmd_status,
         "stop": _cmd_stop,
+        "metrics": _cmd_metrics,
         "completion": _cmd_completion,
     }
     try:

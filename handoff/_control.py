@@ -109,8 +109,14 @@ class StopRequest(_Wire):
     op: Literal["stop"] = "stop"
 
 
-Request = Annotated[StatusRequest | UpgradeRequest | StopRequest, Field(discriminator="op")]
-_request_adapter: TypeAdapter[StatusRequest | UpgradeRequest | StopRequest] = TypeAdapter(Request)
+class MetricsRequest(_Wire):
+    v: Literal[1] = 1
+    op: Literal["metrics"] = "metrics"
+
+
+_AnyRequest = StatusRequest | UpgradeRequest | StopRequest | MetricsRequest
+Request = Annotated[_AnyRequest, Field(discriminator="op")]
+_request_adapter: TypeAdapter[_AnyRequest] = TypeAdapter(Request)
 
 
 class WorkerInfo(_Wire):
@@ -195,6 +201,13 @@ class StopReply(_Wire):
     op: Literal["stop"] = "stop"
 
 
+class MetricsReply(_Wire):
+    ok: bool = True
+    op: Literal["metrics"] = "metrics"
+    #: The Prometheus text exposition, as ``GET /metrics`` serves it.
+    text: str
+
+
 class ErrorDetail(_Wire):
     code: str
     message: str
@@ -237,6 +250,9 @@ class ControlHandler(Protocol):
     ) -> UpgradeReply: ...
 
     def stop(self) -> None: ...
+
+    def metrics_text(self) -> str | None:
+        """The Prometheus text exposition, or None when ``[metrics]`` is not configured."""
 
 
 def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
@@ -353,6 +369,9 @@ class _Slots:
         self._live.discard(slot)
         self._change()
 
+    def count(self) -> int:
+        return len(self._live)
+
     def _victim(self, now: float) -> tuple[_Slot | None, float]:
         """The evictable slot idle the longest, and when another one may become evictable."""
         victim: _Slot | None = None
@@ -461,7 +480,7 @@ async def serve_control(
     allowed_uids: AbstractSet[int],
     *,
     idle_timeout: float | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Callable[[], int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept control connections until cancelled; each connection runs in its own task.
 
@@ -474,7 +493,8 @@ async def serve_control(
         handler: the supervisor.
         allowed_uids: the uids (SO_PEERCRED) that may send requests.
         idle_timeout: see IDLE_TIMEOUT; by default from ``$HANDOFF_CONTROL_IDLE_TIMEOUT``.
-        task_status: started once connections are accepted.
+        task_status: started once connections are accepted, with a function counting the
+            connections being served (for the metrics).
     """
     server = _Server(
         handler,
@@ -483,7 +503,7 @@ async def serve_control(
     )
     sock = trio.socket.from_stdlib_socket(listener)
     async with trio.open_nursery() as nursery:
-        task_status.started()
+        task_status.started(server.slots.count)
         while True:
             try:
                 conn, _ = await sock.accept()
@@ -655,6 +675,19 @@ async def _dispatch(line: bytes, peer: _Peer, handler: ControlHandler, *, may_ex
         return
     if isinstance(request, StatusRequest):
         await peer.send(handler.status().model_dump_json().encode() + b"\n")
+    elif isinstance(request, MetricsRequest):
+        text = handler.metrics_text()
+        if text is None:
+            await peer.send(
+                error_line(
+                    "metrics_disabled",
+                    "this handoffd has no [metrics] section in its config: add one (address = "
+                    '"127.0.0.1:9464"), install handoffd[metrics], then run `handoffd upgrade '
+                    "--self` or restart it",
+                )
+            )
+        else:
+            await peer.send(MetricsReply(text=text).model_dump_json().encode() + b"\n")
     elif isinstance(request, StopRequest):
         await peer.send(StopReply().model_dump_json().encode() + b"\n")
         handler.stop()
@@ -696,7 +729,7 @@ async def _serve_upgrade(request: UpgradeRequest, peer: _Peer, handler: ControlH
 
 def call(
     path: Path,
-    request: StatusRequest | UpgradeRequest | StopRequest,
+    request: _AnyRequest,
     *,
     on_event: Callable[[dict[str, object]], None] | None = None,
     timeout: float | None = None,

@@ -56,7 +56,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import structlog
 import trio
@@ -178,6 +178,19 @@ class ParkedFds:
         self._name_bytes = 0
 
 
+class WorkerCounters(Protocol):
+    """What generations report about their workers (``_metrics.Metrics``)."""
+
+    def generation_created(self) -> None:
+        """A generation is being spawned (never called for an adopted one)."""
+
+    def worker_exited(self, proc: ProcessHandle | None) -> None:
+        """A worker process ended (``proc``), or one could not be started (None)."""
+
+    def worker_restarted(self) -> None:
+        """A crashed worker is being restarted."""
+
+
 @final
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -199,6 +212,8 @@ class GenerationSpec:
     listener_keys: Mapping[int, ListenerKey] = field(default_factory=dict)
     #: How a worker's tree is judged accepting (the /proc one; fakes in unit tests).
     probe: ReadinessProbe = probe_proc
+    #: Where worker exits and restarts are counted, if anywhere.
+    counters: WorkerCounters | None = None
     #: Called once a worker process is in a slot (spawned or adopted), its notify socket set.
     on_spawned: Callable[[], None] = lambda: None
 
@@ -699,6 +714,8 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 break
             slot.state = "backoff"
             slot.restarts += 1
+            if spec.counters is not None:
+                spec.counters.worker_restarted()
             if trio.current_time() - started_at > spec.backoff_max:
                 backoff = spec.backoff_initial
             log.warning(
@@ -815,6 +832,8 @@ async def _supervise_worker(
                 slot.exited.set()
             if proc.returncode is not None:
                 log.info("worker.exited", pid=proc.pid, reason=_exit_reason(proc))
+                if gen.spec.counters is not None:
+                    gen.spec.counters.worker_exited(proc)
             elif gen.handed_over:
                 proc.close()
         if not proc.is_child:

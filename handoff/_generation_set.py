@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from ._config import ProgramConfig, SupervisorConfig
-    from ._generation import ParkedFds
+    from ._generation import ParkedFds, WorkerCounters
     from ._handover import AdoptedGeneration
     from ._listeners import Listener
     from ._processes import Spawner
@@ -53,8 +53,10 @@ class GenerationSet:
         spawner: Spawner,
         on_drained: Callable[[], None],
         probe: ReadinessProbe = probe_proc,
+        counters: WorkerCounters | None = None,
     ) -> None:
         self.parked = parked
+        self.counters = counters
         self.notify_dir = notify_dir
         self.environ = _worker_environ(environ)
         self.spawner = spawner
@@ -98,6 +100,8 @@ class GenerationSet:
         """
         spec = self._spec(self.next_number, program, supervisor, fdset)
         self.next_number += 1
+        if self.counters is not None:
+            self.counters.generation_created()
 
         def created(gen: Generation) -> None:
             self.starting = gen
@@ -279,6 +283,7 @@ class GenerationSet:
             listener_keys=listener_keys({name: li.sock for name, li in fdset}),
             probe=self.probe,
             live_workers=self.live_workers,
+            counters=self.counters,
             on_spawned=lambda: self.on_change(),
         )
 

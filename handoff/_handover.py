@@ -234,6 +234,8 @@ class SupervisorState(_Model):
     last_upgrade: dict[str, JsonValue] | None = None
     watchdog_interval: float | None = None
     notify_socket: str | None = None
+    #: The counters of ``_metrics.Metrics.dump`` (absent from an older handoffd: from zero).
+    metrics: dict[str, JsonValue] | None = None
 
 
 class HandoverReply(_Model):
@@ -325,6 +327,7 @@ class SupervisorView:
     last_upgrade: UpgradeReply | None
     watchdog_interval: float | None
     notify_socket: str | None
+    metrics: dict[str, JsonValue] | None = None
 
 
 @final
@@ -403,6 +406,7 @@ def snapshot(view: SupervisorView) -> tuple[SupervisorState, list[tuple[str, int
         else view.last_upgrade.model_dump(mode="json"),
         watchdog_interval=view.watchdog_interval,
         notify_socket=view.notify_socket,
+        metrics=view.metrics,
     )
     return state, fds.items
 

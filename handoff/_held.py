@@ -31,7 +31,7 @@ from ._listen_fds import InheritedFd, parse_listen_fds
 from ._listeners import Listener, adopt_inherited, bind_listener
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from ._config import ListenerConfig, LoadedConfig
     from ._generation import Generation
@@ -200,15 +200,18 @@ class HeldListeners:
         """Make every held listener someone shut down listen again; the names that cannot."""
         return [li.name for li in self.by_name.values() if not li.revive()]
 
-    async def guard(self, until: trio.Event) -> None:
+    async def guard(self, until: trio.Event, on_check: Callable[[], object] | None = None) -> None:
         """Check the listeners every ``GUARD_INTERVAL_S`` until ``until`` is set.
 
         Runs while a generation starts, holds or drains: those are the moments a worker's
         shutdown(2) of its inherited listener would turn an upgrade into an outage. Polling,
-        because the kernel offers no event for it; an idle supervisor runs none.
+        because the kernel offers no event for it; an idle supervisor runs none. ``on_check``
+        runs at each check too (the metrics' accept-queue sampling rides on this one poll).
         """
         while True:
             self.revive_dead()
+            if on_check is not None:
+                on_check()
             if until.is_set():
                 return  # after one last check: the fault often comes with a worker's exit
             with trio.move_on_after(GUARD_INTERVAL_S):

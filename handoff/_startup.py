@@ -30,6 +30,7 @@ from ._errors import ConfigError, ListenerError
 from ._held import open_listeners
 from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
+from ._metrics_http import metrics_address, open_metrics_socket, serve_metrics_http
 from ._paths import HANDOVER_FD_ENV, REEXEC_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file
 from ._platform import record as record_degradations
@@ -100,6 +101,7 @@ async def run_supervisor(
     handover: Handover | None = None
     orphans: Orphans | None = None
     control: socket.socket | None = None
+    metrics: socket.socket | None = None
     sup.control_path = control_path
     custody = CustodyKeeper(
         runtime.root, sup.held, sup.gens, loaded.path, lambda: sup.successor_pid is not None
@@ -116,6 +118,7 @@ async def run_supervisor(
                     control = _bind_control(control_path, control_mode)
                 sup.last_upgrade = handover.last_upgrade
                 custody.claim()  # the same pid: the record stays ours
+                metrics = _open_metrics_after_exec(sup)
             elif handover_fd is None:
                 # What a killed predecessor left serving is taken back, not bound again.
                 orphans = recover_orphans(
@@ -125,11 +128,14 @@ async def run_supervisor(
                 if orphans is not None:
                     sup.gens.next_number = orphans.next_generation
                 sup.held.adopt(open_listeners(loaded, environ, sup.systemd, taken=taken))
+                metrics = _open_metrics(sup, None)
                 control = _bind_control(control_path, control_mode)
                 write_configured_pid_file(supervisor.pid_file)
                 custody.claim()
             else:
                 handover = await _receive(sup, handover_fd)
+                metrics = await _open_metrics_or_refuse(sup, handover)
+                prior = sup.last_upgrade
                 control, control_path = await handover.take_over(
                     control_path,
                     control_mode,
@@ -138,15 +144,24 @@ async def run_supervisor(
                 )
                 sup.control_path = control_path
                 sup.last_upgrade = handover.last_upgrade
+                # In charge: the self-upgrade counts here (None: its reply never arrived).
+                committed = handover.last_upgrade if handover.last_upgrade is not prior else None
+                sup.metrics.on_upgrade_finished(committed, supervisor=True)
             sup.control_inode = runtime.verify_control_socket(control_path)
             sup.control_socket = control
             async with trio.open_nursery() as root:
-                await root.start(serve_control, control, sup, allowed)
+                sup.metrics.control_connections = await root.start(
+                    serve_control, control, sup, allowed
+                )
+                if metrics is not None and handover is None:  # /healthz while gen 1 starts
+                    await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                 root.start_soon(_handle_signals, sup, signals)
                 root.start_soon(sup.systemd.run_watchdog)
                 if await root.start(_run_until_stopped, sup, handover, orphans, root.cancel_scope):
                     if handover is not None:
                         custody.claim()  # in charge now, the workers adopted
+                    if metrics is not None and handover is not None:  # once it supervises
+                        await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                     release_after_startup()
                     _log_ready(sup, handover)
                     sup.systemd.ready(sup.status_text())
@@ -159,6 +174,8 @@ async def run_supervisor(
             custody.remove()
             if control is not None:
                 control.close()
+            if metrics is not None:
+                metrics.close()
             sup.held.close_all(unlink=sup.successor_pid is None)
             sup.parked.close_all()
             unlink_if_ours(sup.control_path, sup.control_inode)
@@ -225,7 +242,39 @@ def _claim(sup: Supervisor, handover: Handover) -> Handover:
     sup.parked.restore(claimed.parked)
     sup.gens.next_number = claimed.next_generation
     sup.last_upgrade = claimed.last_upgrade
+    sup.metrics.restore(handover.state.metrics)
     return handover
+
+
+def _open_metrics(sup: Supervisor, handover: Handover | None) -> socket.socket | None:
+    """The ``[metrics]`` listener, if configured (``_metrics_http`` on a successor's bind)."""
+    config = sup.loaded.config.metrics
+    if config is None:
+        return None
+    sock = open_metrics_socket(config, successor=handover is not None)
+    sup.metrics.enabled = True
+    log.info("metrics.listening", address=metrics_address(sock))
+    return sock
+
+
+def _open_metrics_after_exec(sup: Supervisor) -> socket.socket | None:
+    """After an exec in place the previous image's metrics socket is gone (close-on-exec): bind
+    it again. Past the point of no return, a failure costs the metrics, never the workers."""
+    try:
+        return _open_metrics(sup, None)
+    except ListenerError as exc:
+        log.error("metrics.not_listening", reason=str(exc), hint="fix it and upgrade --self again")
+        return None
+
+
+async def _open_metrics_or_refuse(sup: Supervisor, handover: Handover) -> socket.socket | None:
+    """As a successor: a metrics address we cannot bind refuses the handover (the old
+    supervisor carries on)."""
+    try:
+        return _open_metrics(sup, handover)
+    except ListenerError as exc:
+        await handover.refuse(str(exc))
+        raise
 
 
 def _bind_control(control_path: Path, control_mode: int) -> socket.socket:

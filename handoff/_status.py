@@ -135,6 +135,11 @@ def serving_now(current: Generation | None) -> tuple[bool, str | None]:
     return True, None
 
 
+def generation_rss_kib(gen: Generation) -> int:
+    """The sum of VmRSS over every process of the generation's worker trees, in KiB."""
+    return sum(_rss_kib(p) for s in gen.slots for p in _tree(s))
+
+
 def _tree(slot: WorkerSlot) -> list[int]:
     """The pids of the worker's tree (itself first while it lives)."""
     if slot.process is None:

@@ -42,6 +42,7 @@ from ._generation_set import GenerationSet
 from ._held import HeldListeners
 from ._limits import worker_fd_limit
 from ._memory import release_after_upgrade
+from ._metrics import Metrics
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
 from ._readiness import probe_proc
@@ -100,6 +101,7 @@ class Supervisor(ControlHandler):
             on_drained=lambda: self.systemd.status(self.status_text()),
             probe=probe,
         )
+        self.gens.counters = self.metrics = Metrics(self.held, self.parked, self.gens)
         self.machine = PhaseMachine()
         self.queue = UpgradeQueue()
         self.last_upgrade: UpgradeReply | None = None
@@ -142,25 +144,39 @@ class Supervisor(ControlHandler):
             last_upgrade=self.last_upgrade,
         )
 
+    def metrics_text(self) -> str | None:
+        return self.metrics.render().decode() if self.metrics.enabled else None
+
     # ---- requests (sync: atomic) ----
 
     def stop(self) -> None:
-        """Begin a graceful stop: drain every generation, then exit."""
+        """Begin a graceful stop: not ready for ``stop_delay`` seconds (a load balancer takes
+        us out; another stop ends the delay), then drain every generation and exit."""
         if self.successor_pid is not None:
             # Handed over: the stop is meant for the service, which is the successor now.
             from ._handover import forward_signal
 
             forward_signal(self.successor_pid, signal.SIGTERM)
             return
+        delay = self.loaded.config.supervisor.stop_delay
+        if self.metrics.announce_stop() and delay > 0 and self._root is not None:
+            log.info("supervisor.unready", stop_delay_s=delay)
+            self.systemd.extend_timeout(delay + SYSTEMD_SLACK_S)  # then _shutdown extends again
+            self._root.start_soon(self._stop_after, delay)
+            return
         if not self.stop_requested.is_set():
             log.info("supervisor.stopping")
         self.stop_requested.set()
         self.gens.abort_new("handoffd is stopping")
 
+    async def _stop_after(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self.stop()
+
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind; a stopping or handed-over
         supervisor answers at once."""
-        stopping = self.stop_requested.is_set()
+        stopping = self.stop_requested.is_set() or self.metrics.stopping
         return self.queue.request(request, self.gens.number(), stopping, self.successor_pid)
 
     async def upgrade(
@@ -242,8 +258,9 @@ class Supervisor(ControlHandler):
                 ticket.finish(ticket.failed("handoffd is stopping", self.gens.number()))
                 continue
             ticket.begin()
+            self.metrics.on_upgrade_started()
             self.upgrade_done = trio.Event()
-            root.start_soon(self.held.guard, self.upgrade_done)  # while N+1 starts and holds
+            root.start_soon(self.held.guard, self.upgrade_done, self.metrics.sample)  # N+1 starts
             try:
                 if ticket.request.supervisor:
                     reply = await self._upgrade_supervisor(ticket)
@@ -256,6 +273,7 @@ class Supervisor(ControlHandler):
             finally:
                 self.upgrade_done.set()
             ticket.finish(reply)
+            self.metrics.on_upgrade_finished(reply, supervisor=ticket.request.supervisor)
             if self.successor_pid is not None:
                 from ._handover import leave
 
@@ -415,6 +433,7 @@ class Supervisor(ControlHandler):
             last_upgrade=self.last_upgrade,
             watchdog_interval=self.systemd.watchdog_interval,
             notify_socket=self.environ.get("NOTIFY_SOCKET") or None,
+            metrics=self.metrics.dump(),
         )
 
     def _take_back(self, gens: Sequence[Generation], spawned: Sequence[int]) -> None:

@@ -42,7 +42,9 @@ def write_config(
     listeners: list[tuple[str, str]] | list[tuple[str, str, str]] | None = None,
     extra_program: str = "",
     extra_supervisor: str = "",
+    metrics: str | None = None,
 ) -> None:
+    """``metrics``: the ``[metrics] address`` (None: no such section)."""
     listeners = listeners if listeners is not None else [("http", "127.0.0.1:0")]
     lines = [
         "[supervisor]",
@@ -68,6 +70,8 @@ def write_config(
     if env:
         lines.append("[program.env]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in env.items()]
+    if metrics is not None:
+        lines += ["[metrics]", f'address = "{metrics}"']
     path.write_text("\n".join(lines) + "\n")
 
 

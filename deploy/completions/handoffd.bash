@@ -5,12 +5,13 @@
 #    source ~/.local/share/bash_completion/handoffd
 # See also: https://github.com/scop/bash-completion/blob/main/doc/configuration.md
 
-_shtab_handoffd_subparsers=(run upgrade status stop check-config completion)
+_shtab_handoffd_subparsers=(run upgrade status stop metrics check-config completion)
 
 _shtab_handoffd_run_option_strings=(-h --help --config --log-format)
 _shtab_handoffd_upgrade_option_strings=(-h --help --config --socket --json --self --exec --timeout)
 _shtab_handoffd_status_option_strings=(-h --help --config --socket --json)
 _shtab_handoffd_stop_option_strings=(-h --help --config --socket --json --no-wait)
+_shtab_handoffd_metrics_option_strings=(-h --help --config --socket --json)
 _shtab_handoffd_check_config_option_strings=(-h --help)
 _shtab_handoffd_completion_option_strings=(-h --help)
 _shtab_handoffd_option_strings=(-h --help --version)
@@ -22,11 +23,13 @@ _shtab_handoffd_status___config_COMPGEN=_shtab_compgen_files
 _shtab_handoffd_status___socket_COMPGEN=_shtab_compgen_files
 _shtab_handoffd_stop___config_COMPGEN=_shtab_compgen_files
 _shtab_handoffd_stop___socket_COMPGEN=_shtab_compgen_files
+_shtab_handoffd_metrics___config_COMPGEN=_shtab_compgen_files
+_shtab_handoffd_metrics___socket_COMPGEN=_shtab_compgen_files
 _shtab_handoffd_check_config_pos_0_COMPGEN=_shtab_compgen_files
 
 _shtab_handoffd_run___log_format_choices=(auto json console)
 _shtab_handoffd_completion_pos_0_choices=(bash zsh)
-_shtab_handoffd_pos_0_choices=(run upgrade status stop check-config completion)
+_shtab_handoffd_pos_0_choices=(run upgrade status stop metrics check-config completion)
 
 _shtab_handoffd_run__h_nargs=0
 _shtab_handoffd_run___help_nargs=0
@@ -41,6 +44,9 @@ _shtab_handoffd_stop__h_nargs=0
 _shtab_handoffd_stop___help_nargs=0
 _shtab_handoffd_stop___json_nargs=0
 _shtab_handoffd_stop___no_wait_nargs=0
+_shtab_handoffd_metrics__h_nargs=0
+_shtab_handoffd_metrics___help_nargs=0
+_shtab_handoffd_metrics___json_nargs=0
 _shtab_handoffd_check_config__h_nargs=0
 _shtab_handoffd_check_config___help_nargs=0
 _shtab_handoffd_completion__h_nargs=0

@@ -86,7 +86,10 @@ def test_shipped_completion_is_what_the_parser_generates_now(shell: str, shipped
 def test_completion_scripts_complete_every_command_and_paths_as_files() -> None:
     bash = completion_script("bash")
 
-    assert "_shtab_handoffd_subparsers=(run upgrade status stop check-config completion)" in bash
+    assert (
+        "_shtab_handoffd_subparsers=(run upgrade status stop metrics check-config completion)"
+        in bash
+    )
     assert "_shtab_handoffd_status___config_COMPGEN=_shtab_compgen_files" in bash
     assert "_shtab_handoffd_check_config_pos_0_COMPGEN=_shtab_compgen_files" in bash
 
