@@ -34,7 +34,7 @@ def write_config(
     *,
     command: list[str] | None = None,
     processes: int = 2,
-    ready: str = "notify",
+    ready: str | None = "notify",
     ready_timeout: float = 10,
     drain_timeout: float = 10,
     env: dict[str, str] | None = None,
@@ -56,7 +56,8 @@ def write_config(
         "[program]",
         f"command = {json.dumps(command or worker_command())}",
         f"processes = {processes}",
-        f'ready = "{ready}"',
+        # None leaves the key out: the daemon's default readiness.
+        *([] if ready is None else [f'ready = "{ready}"']),
         f"ready_timeout = {ready_timeout}",
         f"drain_timeout = {drain_timeout}",
         extra_program,
