@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -74,6 +75,8 @@ class Scenario:
     quick: float  # seconds of load
     full: float
     action: Callable[[Context], None]
+    # "own": each peer's usual app; "gunicorn": an unmodified gunicorn (no --preload) as the app
+    app: str = "own"
 
 
 @dataclasses.dataclass
@@ -145,6 +148,12 @@ def act_broken(ctx: Context) -> None:
     ctx.reload()
 
 
+def act_import_error(ctx: Context) -> None:
+    ctx.at(1.0)
+    ctx.write_version(2, "import-error")
+    ctx.reload()
+
+
 def act_self(ctx: Context) -> None:
     ctx.at(1.0)
     ctx.write_version(2, "ok")
@@ -167,7 +176,14 @@ SCENARIOS = [
     Scenario("broken", "3. Broken new version (exits 1 at start-up)", 3.0, 10.0, act_broken),
     Scenario("self", "4. Self-upgrade of the supervisor, then one reload", 5.0, 10.0, act_self),
     Scenario("steady", "5. Steady state, no reloads", 4.0, 15.0, act_none),
+    # The app is an unmodified gunicorn (2 sync workers, no --preload) under every peer that can
+    # host it: gunicorn's READY=1 comes before its workers have imported the app.
+    Scenario("gunicorn-slow", "6. Unmodified gunicorn, slow import (2 s)", 6.0, 10.0, act_slow,
+             app="gunicorn"),
+    Scenario("gunicorn-broken", "7. Unmodified gunicorn, broken import (ImportError)", 6.0, 10.0,
+             act_import_error, app="gunicorn"),
 ]
+BROKEN = ("broken", "gunicorn-broken")
 
 
 # -- measurement ------------------------------------------------------------------------------
@@ -202,6 +218,21 @@ class QueueSampler:
             self.peak = max(self.peak, total)
 
 
+def connections_per_process(port: int) -> list[int]:
+    """How many established connections to ``port`` each server process holds, largest first.
+
+    Kept-alive load sticks to the process that accepted it, so this says how many of the
+    workers the load actually exercises (steady state: both, or one).
+    """
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                         capture_output=True, text=True, check=False).stdout
+    counts: dict[str, int] = {}
+    for line in out.splitlines():
+        for pid in set(re.findall(r"pid=(\d+)", line)):
+            counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
 def parse_wrk(stdout: str) -> dict[str, Any]:
     for line in stdout.splitlines():
         if line.startswith("WRKJSON "):
@@ -214,7 +245,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
     workdir = Path(tempfile.mkdtemp(prefix=f"{peer_cls.name}-{scenario.key}-", dir=workroot))
     version_file = workdir / "version.json"
     write_version(version_file, 1, "ok")
-    peer = peer_cls(workdir=workdir, version_file=version_file)
+    peer = peer_cls(workdir=workdir, version_file=version_file, app=scenario.app)
     result: dict[str, Any] = {"peer": peer_cls.name, "scenario": scenario.key, "duration_s": duration}
     try:
         t_start = time.monotonic()
@@ -227,6 +258,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
         return result
     url = f"http://{peer.address[0]}:{peer.address[1]}/"
     phases: dict[str, float] = {}
+    conns: list[int] = []
     ctx = Context(peer, time.monotonic(), duration)
     try:
         with QueueSampler(peer.address[1]) as sampler:
@@ -241,7 +273,11 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             ctx.t0 = time.monotonic()
             action = threading.Thread(target=scenario.action, args=(ctx,), daemon=True)
             action.start()
+            conns_timer = threading.Timer(min(1.5, duration / 2), lambda: conns.extend(
+                connections_per_process(peer.address[1])))
+            conns_timer.start()
             wrk_out, _ = wrk.communicate(timeout=duration + 60)
+            conns_timer.join()
             phases = {"load": time.monotonic() - ctx.t0}
             action.join(timeout=60)
             phases["reloads_done"] = time.monotonic() - ctx.t0
@@ -266,7 +302,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
                 rec.new_serving_after = t - rec.requested
                 break
     after_broken: dict[str, int] = {}
-    if scenario.key == "broken" and ctx.records:
+    if scenario.key in BROKEN and ctx.records:
         t_req = ctx.records[0].requested
         for t, gen, _pid in responses:
             if t >= t_req:
@@ -287,6 +323,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             },
             "phases_s": {k: round(v, 3) for k, v in phases.items()},
             "recv_q_peak": sampler.peak,
+            "connections_per_process": conns,
             "recv_q_samples": sampler.samples,
             "reloads": [
                 {
@@ -304,7 +341,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             ],
         }
     )
-    if scenario.key == "broken":
+    if scenario.key in BROKEN:
         result["responses_after_broken_reload_by_generation"] = after_broken
     if peer_stop_error:
         result["stop_error"] = peer_stop_error
@@ -321,9 +358,12 @@ def run_steady(duration: float, rounds: int, workroot: Path) -> dict[str, Any]:
     class AlonePeer(NaivePeer):
         name = "alone"
 
-    for _ in range(rounds):
-        runs["handoffd"].append(run_one(HandoffdPeer, steady, duration, workroot))
-        runs["alone"].append(run_one(AlonePeer, steady, duration, workroot))
+    for i in range(rounds):
+        # Alternate which runs first: the second of a pair starts on a machine the first has
+        # just left (TIME_WAIT sockets, page cache, another session's load moving in).
+        pair = [(HandoffdPeer, "handoffd"), (AlonePeer, "alone")]
+        for cls, key in pair if i % 2 == 0 else pair[::-1]:
+            runs[key].append(run_one(cls, steady, duration, workroot))
     out: dict[str, Any] = {"rounds": rounds, "runs": runs}
     try:
         per_run = {k: [r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in v]
@@ -333,6 +373,13 @@ def run_steady(duration: float, rounds: int, workroot: Path) -> dict[str, Any]:
         # Each round runs the two back to back, so a per-round ratio cancels slow drifts of a
         # shared machine; the median of those is the figure, with its spread.
         paired = sorted(h / a for h, a in zip(per_run["handoffd"], per_run["alone"], strict=True))
+        out["pairs"] = [
+            {"first": "handoffd" if i % 2 == 0 else "alone", "ratio": h / a,
+             "handoffd_rps": h, "alone_rps": a,
+             "handoffd_conns": runs["handoffd"][i].get("connections_per_process"),
+             "alone_conns": runs["alone"][i].get("connections_per_process")}
+            for i, (h, a) in enumerate(zip(per_run["handoffd"], per_run["alone"], strict=True))
+        ]
         out.update(rps=rps, p99_ms=p99, ratio=statistics.median(paired),
                    ratio_min=paired[0], ratio_max=paired[-1], ratio_of_means=rps["handoffd"] / rps["alone"])
     except (KeyError, ZeroDivisionError, statistics.StatisticsError, TypeError) as exc:
@@ -499,12 +546,12 @@ def render_markdown(data: dict[str, Any]) -> str:
                 notes.append(f"- {r['peer']}: still running {STOP_NOTE}, SIGKILLed: {'; '.join(r['stop_killed'])[:300]}")
             if r.get("stop_error"):
                 notes.append(f"- {r['peer']}: stop failed: {r['stop_error'][:200]}")
-            bad = [x for x in r.get("reloads", []) if x["reported"] in ("error", "failed") and sc.key != "broken"]
+            bad = [x for x in r.get("reloads", []) if x["reported"] in ("error", "failed") and sc.key not in BROKEN]
             for x in bad[:3]:
                 notes.append(f"- {r['peer']}: {x['kind']} at {x['at_s']} s: {x['reported']}: {x['detail'][:200]}")
         if notes:
             lines += ["", "Notes:", "", *notes]
-        if sc.key == "broken":
+        if sc.key in BROKEN:
             lines += ["", "Responses after the broken reload, by generation (1 = old version kept serving):", ""]
             for r in data["scenarios"][sc.key]:
                 if "responses_after_broken_reload_by_generation" in r:
@@ -528,6 +575,12 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"{st.get('ratio_of_means', st['ratio']):.3f}). handoffd is not in the data path, so any "
                 "difference is the machine's noise.",
             ]
+            if st.get("pairs"):
+                lines += ["", "| pair | first | handoffd req/s | alone req/s | ratio | "
+                          "connections per worker, handoffd / alone |", "|---|---|---|---|---|---|"]
+                lines += [f"| {i + 1} | {p['first']} | {p['handoffd_rps']:,.0f} | {p['alone_rps']:,.0f} | "
+                          f"{p['ratio']:.3f} | {p['handoffd_conns']} / {p['alone_conns']} |"
+                          for i, p in enumerate(st["pairs"])]
         else:
             lines.append(f"Not measured: {st.get('error') or st.get('skipped')}")
         lines.append("")
@@ -621,6 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if sc.key == "self" and p.self_upgrade_na:
                 rows.append({"peer": p.name, "n/a": p.self_upgrade_na})
+                continue
+            if sc.app == "gunicorn" and (p.gunicorn_na or which("gunicorn") is None):
+                rows.append({"peer": p.name, "n/a": p.gunicorn_na or "gunicorn is not installed (pip install gunicorn)"})
                 continue
             t = time.monotonic()
             r = run_one(p, sc, duration, workroot)

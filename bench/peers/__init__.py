@@ -115,6 +115,11 @@ class Peer:
     pgids: list[int] = field(default_factory=list)
     # Processes stop() had to SIGKILL after STOP_TIMEOUT: a peer that does not stop cleanly.
     killed: list[str] = field(default_factory=list)
+    # "own": the peer's usual app; "gunicorn": an unmodified gunicorn (GUNICORN_APP) as the
+    # app, run the way this peer would run any server (scenarios gunicorn-slow/-broken).
+    app: str = "own"
+    # Why the peer cannot run gunicorn as its app, or None when it can.
+    gunicorn_na: ClassVar[str | None] = None
 
     # -- availability ---------------------------------------------------------------------
     @classmethod
@@ -184,6 +189,29 @@ class Peer:
             return (self.workdir / log_name).read_text(errors="replace")[-n:]
         except FileNotFoundError:
             return ""
+
+
+_GUNICORN_FLAGS: list[str] | None = None
+
+
+def gunicorn_argv(*bind: str) -> list[str]:
+    """An unmodified gunicorn: 2 sync workers, no ``--preload``, bench/apps/wsgi.py as the app.
+
+    ``bind``: how this peer hands it the socket (``--bind fd://N``, ``--bind HOST:PORT``), or
+    nothing for handoffd, whose ``LISTEN_FDS`` gunicorn reads by itself.
+    """
+    global _GUNICORN_FLAGS
+    if _GUNICORN_FLAGS is None:
+        # gunicorn >= 27 opens a control socket in ~/.gunicorn by default, shared by every
+        # instance of the user; the benchmark does not use it.
+        help_text = subprocess.run([str(which("gunicorn")), "--help"], capture_output=True,
+                                   text=True, check=False, timeout=30).stdout
+        _GUNICORN_FLAGS = ["--no-control-socket"] if "--no-control-socket" in help_text else []
+    return [
+        str(which("gunicorn")), "--workers", "2", "--worker-class", "sync", *bind,
+        "--backlog", "1024", "--chdir", str(APPS), "--graceful-timeout", "20",
+        "--log-level", "warning", *_GUNICORN_FLAGS, "wsgi:app",
+    ]
 
 
 def group_alive(pgid: int) -> list[int]:

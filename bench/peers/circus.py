@@ -9,6 +9,7 @@ is just respawned.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from typing import ClassVar
@@ -20,6 +21,7 @@ from bench.peers import (
     ReloadOutcome,
     Requirement,
     free_port,
+    gunicorn_argv,
     run_command,
     wait_serving,
     which,
@@ -34,7 +36,7 @@ check_delay = 5
 loglevel = WARNING
 
 [watcher:app]
-cmd = {python} {app} --fd $(circus.sockets.web)
+cmd = {cmd}
 use_sockets = True
 numprocesses = 2
 graceful_timeout = 20
@@ -67,7 +69,10 @@ class CircusPeer(Peer):
         port = free_port()
         self.address = ("127.0.0.1", port)
         ini = self.workdir / "circus.ini"
-        ini.write_text(INI.format(dir=self.workdir, python=sys.executable, app=APP, port=port))
+        cmd = f"{sys.executable} {APP} --fd $(circus.sockets.web)"
+        if self.app == "gunicorn":
+            cmd = shlex.join(gunicorn_argv("--bind", "fd://FD")).replace("FD", "$(circus.sockets.web)")
+        ini.write_text(INI.format(dir=self.workdir, cmd=cmd, port=port))
         self.spawn([str(which("circusd")), str(ini)], "circusd.log")
         wait_serving(self.address, START_TIMEOUT)
 

@@ -15,18 +15,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import ClassVar
 
 from bench.peers import (
-    APPS,
     START_TIMEOUT,
     Peer,
     ReloadOutcome,
     Requirement,
     free_port,
+    gunicorn_argv,
     wait_serving,
     which,
 )
@@ -58,27 +57,11 @@ class GunicornPeer(Peer):
                 continue
         raise FileNotFoundError(self.pidfile)
 
-    @staticmethod
-    def extra_flags() -> list[str]:
-        # gunicorn >= 27 opens a control socket in ~/.gunicorn by default, shared by every
-        # instance of the user; the benchmark does not use it.
-        help_text = subprocess.run([str(which("gunicorn")), "--help"], capture_output=True, text=True,
-                                   check=False, timeout=30).stdout
-        return ["--no-control-socket"] if "--no-control-socket" in help_text else []
-
     def start(self) -> None:
         port = free_port()
         self.address = ("127.0.0.1", port)
-        self.spawn(
-            [
-                str(which("gunicorn")), "--workers", "2", "--worker-class", "sync",
-                "--bind", f"127.0.0.1:{port}", "--backlog", "1024", "--pid", self.pidfile,
-                "--chdir", str(APPS), "--graceful-timeout", "20", "--log-level", "warning",
-                *self.extra_flags(),
-                "wsgi:app",
-            ],
-            "gunicorn.log",
-        )
+        # Its own app is already the unmodified gunicorn: app="gunicorn" changes nothing.
+        self.spawn(gunicorn_argv("--bind", f"127.0.0.1:{port}", "--pid", self.pidfile), "gunicorn.log")
         wait_serving(self.address, START_TIMEOUT)
 
     def reload(self) -> ReloadOutcome:

@@ -12,6 +12,7 @@ RELOAD_TIMEOUT).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from typing import ClassVar
@@ -23,6 +24,7 @@ from bench.peers import (
     ReloadOutcome,
     Requirement,
     free_port,
+    gunicorn_argv,
     run_command,
     wait_serving,
     which,
@@ -50,11 +52,15 @@ class StarterPeer(Peer):
     def start(self) -> None:
         port = free_port()
         self.address = ("127.0.0.1", port)
+        worker = [sys.executable, str(LAUNCH), "--inherit-starter", "--processes", "2"]
+        if self.app == "gunicorn":
+            # SERVER_STARTER_PORT is "127.0.0.1:PORT=FD": gunicorn takes the FD.
+            argv = shlex.join(gunicorn_argv("--bind", "fd://FD"))
+            worker = ["sh", "-c", "exec " + argv.replace("fd://FD", 'fd://"${SERVER_STARTER_PORT##*=}"')]
         self.spawn(
             [
                 str(which("start_server")), f"--port=127.0.0.1:{port}", "--backlog=1024",
-                *self.files(), "--signal-on-hup=TERM", "--signal-on-term=TERM", "--",
-                sys.executable, str(LAUNCH), "--inherit-starter", "--processes", "2",
+                *self.files(), "--signal-on-hup=TERM", "--signal-on-term=TERM", "--", *worker,
             ],
             "start_server.log",
         )

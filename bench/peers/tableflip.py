@@ -60,6 +60,7 @@ class TableflipPeer(Peer):
     name: ClassVar[str] = "tableflip"
     summary: ClassVar[str] = "Go net/http + cloudflare/tableflip, SIGHUP re-exec (1 process, all cores)"
     self_upgrade_na: ClassVar[str | None] = "the reload itself re-executes the binary (scenario 1 is its self-upgrade)"
+    gunicorn_na: ClassVar[str | None] = "the app is the Go binary that re-executes itself: it cannot host gunicorn"
     requires: ClassVar[list[Requirement]] = [
         Requirement("apt", "golang-go"),
         Requirement("apt", "golang-github-cloudflare-tableflip-dev"),
