@@ -35,7 +35,8 @@ import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from handoff._passing import get, get_blocking, put, put_blocking
+from handoff._passing import get_blocking, put_blocking
+from handoff._passing_trio import get, put
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -1,4 +1,4 @@
-"""The config file: pydantic models, ``load_config(path)``, and listener address parsing.
+"""The config file: pydantic models and ``load_config(path)`` (addresses are ``_address``'s).
 
 Design notes:
 - Models are frozen and ``extra="forbid"``: a typo in a key is an error that names the key, never a
@@ -12,96 +12,35 @@ Design notes:
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, final
+from typing import TYPE_CHECKING, Annotated, Final, Literal, final
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ._address import Address, parse_address
 from ._errors import ConfigError
 from ._paths import control_socket_for, runtime_dir_for
 from ._paths import find_control_socket as find_control_socket
+from ._validation import render_errors
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-AddressKind = Literal["tcp", "udp", "unix", "unixgram"]
 UnlinkPolicy = Literal["none", "always", "socket-only", "flock"]
 FdDelivery = Literal["listen_fds", "scm_rights"]
+ReadyMode = Literal["auto", "accepting", "notify", "delay"]
+_READY_MODES: Final = frozenset({"auto", "accepting", "notify"})
+# The longest canary hold accepted: a hold keeps two generations (twice the memory) serving and
+# blocks every other upgrade; ten minutes is already a deploy strategy, not a canary.
+HOLD_MAX: Final = 600.0
 
 # Names travel in LISTEN_FDNAMES, which is ':'-separated and limited to 255 bytes per name
 # (sd_listen_fds_with_names(3)); a name is also used as FDNAME= in the systemd fd store.
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,255}$")
-_HOST_PORT_RE = re.compile(
-    r"^(?:\[(?P<v6>[0-9A-Fa-f:.%a-zA-Z0-9]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$"
-)
-
-
-@final
-@dataclass(frozen=True)
-class Address:
-    """A parsed listener address.
-
-    ``host:port`` and ``[v6]:port`` (optionally ``tcp://``) are TCP; ``udp://host:port`` is UDP;
-    ``unix:/path`` and ``unixgram:/path`` are Unix stream and datagram sockets, where a path
-    starting with ``@`` is in the abstract namespace. Port 0 asks the kernel for a free port.
-    """
-
-    kind: AddressKind
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @property
-    def is_unix(self) -> bool:
-        return self.kind in ("unix", "unixgram")
-
-    @property
-    def is_abstract(self) -> bool:
-        return self.is_unix and self.path.startswith("@")
-
-    def __str__(self) -> str:
-        if self.is_unix:
-            return f"{self.kind}:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        prefix = "udp://" if self.kind == "udp" else ""
-        return f"{prefix}{host}:{self.port}"
-
-
-def parse_address(text: str) -> Address:
-    """Parse a listener address; raises ``ValueError`` with the accepted forms on a bad one."""
-    forms = "expected host:port, [v6]:port, tcp://host:port, udp://host:port, unix:/path or unixgram:/path"
-    for prefix, kind in (("unixgram:", "unixgram"), ("unix:", "unix")):
-        if text.startswith(prefix):
-            path = text[len(prefix) :]
-            if not path or not (path.startswith("/") or path.startswith("@")):
-                raise ValueError(
-                    f"a {kind} address needs an absolute path or @abstract name; {forms}"
-                )
-            # sun_path is 108 bytes including the terminating NUL (unix(7)).
-            if len(os.fsencode(path)) > 107:
-                raise ValueError("the socket path is longer than the 107 bytes unix(7) allows")
-            return Address(kind=kind, path=path)  # type: ignore[arg-type]
-    kind_tcp: AddressKind = "tcp"
-    rest = text
-    if text.startswith("tcp://"):
-        rest = text[len("tcp://") :]
-    elif text.startswith("udp://"):
-        kind_tcp, rest = "udp", text[len("udp://") :]
-    m = _HOST_PORT_RE.match(rest)
-    if m is None:
-        raise ValueError(forms)
-    port = int(m["port"])
-    if port > 65535:
-        raise ValueError("the port must be between 0 and 65535")
-    host = m["v6"] if m["v6"] is not None else m["host"]
-    if host in ("", "*"):
-        host = "0.0.0.0"
-    return Address(kind=kind_tcp, host=host, port=port)
 
 
 def parse_signal(text: str) -> signal.Signals:
@@ -195,11 +134,18 @@ class ProgramConfig(_Model):
 
     command: list[str] = Field(min_length=1)
     processes: int = Field(default=1, ge=1, le=1024)
-    ready: str = "notify"
+    ready: str = "auto"
     ready_timeout: _PositiveSeconds = 30.0
+    # Seconds both generations serve side by side before the old one drains (the canary hold);
+    # 2 s catches a worker that crashes 1 s after READY=1. 0 turns it off.
+    hold: _Seconds = 2.0
     stop_signal: str = "SIGTERM"
     drain_timeout: _Seconds = 30.0
     fd_delivery: FdDelivery = "listen_fds"
+    # How an upgrade replaces the workers: all at once (twice the workers for the hold), or
+    # ``max_surge`` at a time (never more than processes + max_surge worker trees).
+    strategy: Literal["all-at-once", "rolling"] = "all-at-once"
+    max_surge: int = Field(default=1, ge=1, le=1024)
     env: dict[str, str] = Field(default_factory=dict)
     cwd: Path | None = Field(default=None, strict=False)
 
@@ -230,12 +176,31 @@ class ProgramConfig(_Model):
                 f'ready = "{self.ready}" waits {delay:g}s, which is not shorter than ready_timeout '
                 f"= {self.ready_timeout:g}s: every generation would fail; raise ready_timeout"
             )
+        if self.hold > HOLD_MAX:
+            raise ValueError(
+                f"hold = {self.hold:g} keeps two generations serving for over {HOLD_MAX:g}s and "
+                f"blocks every other upgrade meanwhile; use at most hold = {HOLD_MAX:g}"
+            )
         return self
 
     @property
     def ready_delay(self) -> float | None:
-        """Seconds of ``delay:N`` readiness, or None for ``notify``."""
+        """Seconds of ``delay:N`` readiness, or None for the other modes."""
         return parse_ready(self.ready)
+
+    @property
+    def ready_mode(self) -> ReadyMode:
+        """``auto``, ``accepting``, ``notify`` or ``delay`` (``ready_delay`` has the seconds)."""
+        if self.ready == "auto":
+            return "auto"
+        if self.ready == "accepting":
+            return "accepting"
+        return "notify" if self.ready == "notify" else "delay"
+
+    @property
+    def observed(self) -> bool:
+        """Whether readiness (and the hold) watch the worker's tree accept (``auto``/``accepting``)."""
+        return self.ready in ("auto", "accepting")
 
     @property
     def stop_signum(self) -> signal.Signals:
@@ -243,8 +208,9 @@ class ProgramConfig(_Model):
 
 
 def parse_ready(text: str) -> float | None:
-    """``"notify"`` gives None; ``"delay:N"`` gives N seconds; anything else is a ``ValueError``."""
-    if text == "notify":
+    """``"delay:N"`` gives N seconds; ``auto``/``accepting``/``notify`` give None; anything else
+    is a ``ValueError``."""
+    if text in _READY_MODES:
         return None
     if text.startswith("delay:"):
         try:
@@ -253,7 +219,10 @@ def parse_ready(text: str) -> float | None:
             seconds = -1.0
         if seconds >= 0 and seconds != float("inf"):
             return seconds
-    raise ValueError('expected "notify" or "delay:SECONDS" such as "delay:2"')
+    raise ValueError(
+        'expected "notify" or "delay:SECONDS" such as "delay:2" (the explicit modes), or "auto" '
+        'or "accepting" (readiness observed in /proc)'
+    )
 
 
 @final
@@ -284,13 +253,6 @@ class LoadedConfig:
     config: Config
 
 
-def _render_loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
 def load_config(path: Path | str) -> LoadedConfig:
     """Read and validate a config file.
 
@@ -309,13 +271,8 @@ def load_config(path: Path | str) -> LoadedConfig:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors(include_url=False):
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            got_text = "" if err["type"] == "missing" else f" (got {got!r})"
-            lines.append(f"config {path}: {_render_loc(err['loc'])}: {msg}{got_text}")
-        raise ConfigError("\n".join(lines)) from exc
+        lines = render_errors(exc, inputs=True)
+        raise ConfigError("\n".join(f"config {path}: {line}" for line in lines)) from exc
     return LoadedConfig(path=path, config=_resolve_paths(config, path.parent))
 
 

@@ -2,7 +2,7 @@
 
 Design notes:
 - ``run_generation`` is started with ``nursery.start``: it calls ``task_status.started(gen)`` only
-  once every worker said ``READY=1`` (or survived ``delay:N``). Before that, any worker exit, a
+  once every worker is ready by the program's ``ready`` mode (below). Before that, any worker exit, a
   spawn error or ``ready_timeout`` makes it stop every worker it started and raise
   ``SpawnError`` with the reason, so an upgrade can keep the old generation and report why.
 - A generation that failed is stopped like a draining one (stop_signal, drain_timeout, SIGKILL):
@@ -13,6 +13,25 @@ Design notes:
 - ``request_drain()`` (sync, so it is atomic) makes the task send ``stop_signal`` to every
   worker, wait up to ``drain_timeout`` for them to exit, then SIGKILL what is left. The task
   returns when no worker of the generation remains.
+- Readiness modes. ``notify``: READY=1. ``delay:N``: alive N seconds. ``accepting``: the
+  worker's process tree is seen waiting for connections on the generation's listeners
+  (``_observe``'s rule, probed every ``_readiness.POLL_INTERVAL`` while the worker starts, and
+  held for ``STABLE_FOR``); where that cannot be observed it fails at ready_timeout with the
+  reason. ``auto`` (the default): accepting, and READY=1 as well if the program speaks sd_notify,
+  which it does when any datagram reached its NOTIFY_SOCKET before its tree was accepting (so
+  gunicorn's early READY=1 no longer counts alone, and a program that never notifies is ready on
+  observation alone). Where nothing can be observed (not Linux, ``/proc`` denied, io_uring),
+  ``auto`` falls back to READY=1: logged once per generation (``readiness.fallback``) and shown
+  per worker in ``status``.
+- The canary hold (``begin_hold``/``end_hold``, driven by the supervisor): a worker that exits
+  during it is not restarted; it makes the hold fail (``hold_lost``) with the reason, and the
+  supervisor stops the generation like a failed start. In the observed modes the trees are also
+  probed: a tree that no longer holds any listener, or that was accepting through epoll and has
+  no listener registered or waited on any more, fails it too. A busy sync worker is not "in
+  accept" at every snapshot, so being busy never fails a hold.
+- A generation owns its workers' whole trees (each worker leads a process group; handoffd is a
+  subreaper): stop signals go to the group, and a drain ends only when every member has exited;
+  drain_timeout ends with SIGKILL to every group.
 - Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
   one for each restart, so a late datagram from a dead worker can never mark its successor ready.
 - Self-upgrade (see ``_handover``): ``freeze()`` stops a generation from reading its workers'
@@ -29,39 +48,49 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
+import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 from structlog.contextvars import bound_contextvars, clear_contextvars
 
 from ._errors import ProtocolError, SpawnError
+from ._fdname import valid_fdname
+from ._listeners import restore_flags, revive_dead
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
-from ._processes import kill_and_reap
+from ._processes import REAP_TIMEOUT_S, kill_and_reap
+from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
 from ._spawn import DEFAULT_SPAWNER, describe_exit
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import ProgramConfig
+    from ._observe import ListenerKey, Verdict
+    from ._phases import WorkerState
     from ._processes import ProcessHandle, Spawner
+    from ._readiness import ReadinessProbe
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
-WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
 
 _spawn_sequence = itertools.count(1)
 # The longest STATUS= text kept per worker (one line for `handoffd status`).
 _STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
 PARKED_MAX: Final = 4096
-# sd_pid_notify_with_fds(3): FDNAME= is at most 255 printable characters, and ':' would break
-# LISTEN_FDNAMES for every worker that receives the fd.
-_FDNAME_RE: Final = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,255}$")
+# Every parked fd is passed to every later worker, at fds 3.. under the worker's own soft
+# RLIMIT_NOFILE: keep room below it for the listeners and the worker's own fds.
+PARKED_FD_HEADROOM: Final = 128
+# The parked fds' names (each + 1 for the ':') must fit, with the listeners' names, in one
+# LISTEN_FDNAMES string (execve(2): MAX_ARG_STRLEN, 128 KiB, per string; argv + environ within
+# ARG_MAX, a quarter of the stack limit: 2 MiB at the common 8 MiB), and, with the rest of the
+# state, in a self-upgrade's 128 KiB state message. 64 KiB leaves room for all three.
+PARKED_NAME_BYTES: Final = 64 * 1024
 
 
 @final
@@ -72,34 +101,48 @@ class ParkedFds:
     (``FDSTOREREMOVE=1``). Every worker started later receives them after the listeners.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, worker_fd_limit: int | None = None) -> None:
+        """``worker_fd_limit``: the soft RLIMIT_NOFILE workers start with (see ``_limits``)."""
         self._items: list[tuple[str, int]] = []
+        self.max_fds = PARKED_MAX
+        if worker_fd_limit is not None:
+            self.max_fds = max(0, min(PARKED_MAX, worker_fd_limit - PARKED_FD_HEADROOM))
+        self._name_bytes = 0
 
     def park(self, name: str, fd: int) -> None:
         self._items.append((name, fd))
+        self._name_bytes += len(name) + 1
         log.info("fd.parked", fdname=name, fd=fd, parked=len(self._items))
 
     def park_all(self, name: str, fds: Sequence[int]) -> bool:
         """Park ``fds`` under ``name`` if the name is valid and there is room; else refuse.
 
-        Names travel in LISTEN_FDNAMES (':'-separated) to every later worker, and the store is
-        bounded as systemd bounds its own (FileDescriptorStoreMax=): a worker that parks on
-        every crash-looping start must not exhaust the supervisor's fds. Returns whether the
-        fds were kept (the caller closes them otherwise).
+        Every parked fd and its name go to every later worker, so the store is bounded by what
+        every later spawn and a self-upgrade can carry (see ``PARKED_FD_HEADROOM`` and
+        ``PARKED_NAME_BYTES``), as systemd bounds its own (FileDescriptorStoreMax=): a refused
+        FDSTORE is logged; a stored one never breaks the next spawn. Returns whether the fds
+        were kept (the caller closes them otherwise).
         """
-        if not _FDNAME_RE.match(name):
+        invalid = valid_fdname(name)
+        problem = None if invalid is None else f"FDNAME {invalid}"
+        if problem is None and len(self._items) + len(fds) > self.max_fds:
+            problem = (
+                f"more than {self.max_fds} parked fds (every later worker gets them at fds "
+                "3.., below its fd limit)"
+            )
+        if problem is None and self._name_bytes + (len(name) + 1) * len(fds) > PARKED_NAME_BYTES:
+            problem = (
+                f"the parked fds' names would exceed {PARKED_NAME_BYTES} bytes (they travel "
+                "in every later worker's LISTEN_FDNAMES and in a self-upgrade's state)"
+            )
+        if problem is not None:
             log.warning(
                 "fd.park_refused",
                 fdname=name[:64],
-                reason="FDNAME must be 1-255 printable characters without ':'",
-            )
-            return False
-        if len(self._items) + len(fds) > PARKED_MAX:
-            log.warning(
-                "fd.park_refused",
-                fdname=name,
-                reason=f"more than {PARKED_MAX} parked fds; "
-                "unpark (FDSTOREREMOVE=1) what the next generation no longer needs",
+                fds=len(fds),
+                parked=len(self._items),
+                reason=f"{problem}; unpark (FDSTOREREMOVE=1) what the next generation no "
+                "longer needs, or use shorter names",
             )
             return False
         for fd in fds:
@@ -109,6 +152,7 @@ class ParkedFds:
     def unpark(self, name: str) -> None:
         gone = [fd for n, fd in self._items if n == name]
         self._items = [(n, fd) for n, fd in self._items if n != name]
+        self._name_bytes -= (len(name) + 1) * len(gone)
         close_fds(gone)
         log.info("fd.unparked", fdname=name, closed=len(gone))
 
@@ -118,10 +162,12 @@ class ParkedFds:
     def restore(self, items: Sequence[tuple[str, int]]) -> None:
         """Take over fds parked under a previous supervisor (a self-upgrade); we own them now."""
         self._items.extend(items)
+        self._name_bytes += sum(len(name) + 1 for name, _ in items)
 
     def close_all(self) -> None:
         close_fds([fd for _, fd in self._items])
         self._items = []
+        self._name_bytes = 0
 
 
 @final
@@ -139,6 +185,12 @@ class GenerationSpec:
     compat_environ: Mapping[str, str] = field(default_factory=dict)
     #: How workers are started and watched (the process seam; fakes in unit tests).
     spawner: Spawner = DEFAULT_SPAWNER
+    #: How many worker processes are alive in all generations (see ``_spawn``'s flag rule).
+    live_workers: Callable[[], int] = lambda: 0
+    #: The held listeners by socket inode, for observed readiness (``_observe.listener_keys``).
+    listener_keys: Mapping[int, ListenerKey] = field(default_factory=dict)
+    #: How a worker's tree is judged accepting (the /proc one; fakes in unit tests).
+    probe: ReadinessProbe = probe_proc
 
 
 @final
@@ -153,7 +205,18 @@ class WorkerSlot:
     restarts: int = 0
     last_exit: str | None = None
     ever_ready: bool = False
+    # Replaced by a rolling upgrade: no worker until the generation recalls it.
+    retired: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
+    # What the running worker has shown so far (reset at each spawn; see the module notes).
+    notified: bool = False
+    ready_sent: bool = False
+    accepting: bool = False
+    epoll_ready: bool = False
+    #: Why the worker is ready by READY=1 alone under ``auto`` (nothing could be observed).
+    fallback: str | None = None
+    #: The last verdict of its tree while it starts, for the ready_timeout reason.
+    observed: str | None = None
     # The supervisor's ends of the running worker's sockets (a self-upgrade hands them over).
     notify: NotifyReceiver | None = field(default=None, repr=False)
     channel: socket.socket | None = field(default=None, repr=False)
@@ -210,6 +273,23 @@ class Generation:
         self._thawed: trio.Event | None = None
         self._pumps: set[trio.CancelScope] = set()
         self._pumps_idle = trio.Event()
+        # Every worker process spawned whose group may still have members (drained together).
+        self.spawned: list[ProcessHandle] = []
+        # The canary hold (see the module notes).
+        self.holding = False
+        self.hold_for = 0.0
+        self.hold_started = 0.0
+        self.hold_failure: str | None = None
+        self.hold_lost = trio.Event()
+        self._hold_begun = trio.Event()
+        #: The first reason ``auto`` fell back to READY=1 in this generation (logged once).
+        self.fallback: str | None = None
+        # A rolling upgrade (``_rolling``): slots at or above ``enabled`` start no worker yet;
+        # a ``retired`` slot of the old generation stops its worker and waits to be recalled.
+        self.enabled = len(self.slots)
+        self._enabled = trio.Event()
+        self._recalled = trio.Event()
+        self._changed = trio.Event()
 
     def request_drain(self) -> None:
         """Ask the generation to stop (stop_signal, drain_timeout, then SIGKILL)."""
@@ -251,12 +331,96 @@ class Generation:
         while self._thawed is not None:
             await self._thawed.wait()
 
+    def begin_hold(self, seconds: float) -> None:
+        """Both generations serve now: a worker exit or a lost listener fails the hold."""
+        self.holding = True
+        self.hold_for = seconds
+        self.hold_started = trio.current_time()
+        self._hold_begun.set()
+
+    def end_hold(self) -> None:
+        self.holding = False
+
+    def is_holding(self) -> bool:
+        """A method, not the attribute, so type checkers do not assume it is unchanged by awaits."""
+        return self.holding
+
+    def hold_elapsed(self) -> str:
+        """``1.02s of 2s``: how far into the hold we are, for a failure's reason."""
+        return f"{trio.current_time() - self.hold_started:.2f}s of {self.hold_for:g}s"
+
+    def lose_hold(self, reason: str) -> None:
+        """The hold failed (or a stop cut it short): the supervisor stops this generation."""
+        if self.holding and self.hold_failure is None:
+            self.hold_failure = reason
+            self.hold_lost.set()
+
+    def owns_group(self, pgid: int) -> bool:
+        """Whether ``pgid`` is the process group of one of this generation's workers."""
+        return any(proc.pid == pgid for proc in self.spawned)
+
+    def _track(self, proc: ProcessHandle) -> None:
+        self.spawned = [p for p in self.spawned if p.returncode is None or p.group_roots()]
+        self.spawned.append(proc)
+
+    def probe(self, slot: WorkerSlot, remembered: frozenset[int] = frozenset()) -> TreeCheck:
+        """One look at ``slot``'s worker tree (the generation's probe, its listeners)."""
+        if slot.process is None:
+            return TreeCheck("not-accepting", "no worker process")
+        if not self.spec.listener_keys:
+            return TreeCheck("unobservable", "the generation has no listeners to watch")
+        return self.spec.probe(slot.process.group_roots(), self.spec.listener_keys, remembered)
+
     def pids(self) -> list[int]:
         return [
             s.process.pid
             for s in self.slots
             if s.process is not None and s.process.returncode is None
         ]
+
+    def enable(self, count: int) -> None:
+        """Let the first ``count`` slots start their workers (a rolling upgrade's next batch)."""
+        self.enabled = count
+        self._enabled.set()
+        self._enabled = trio.Event()
+
+    def batch_ready(self) -> bool:
+        """Whether every enabled slot has been ready (the whole generation, outside rolling)."""
+        return all(s.ever_ready for s in self.slots[: self.enabled])
+
+    async def wait_changed(self) -> None:
+        """Until a slot becomes ready or the generation fails."""
+        await self._changed.wait()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def retire(self, slot: WorkerSlot) -> None:
+        """Stop ``slot``'s worker tree like a drain (stop signal, drain_timeout, SIGKILL) and
+        keep the slot empty until ``recall()``: a rolling upgrade replaced it."""
+        slot.retired = True
+        proc = slot.process
+        if proc is None or proc.returncode is not None:
+            return
+        slot.state = "draining"
+        proc.signal_group(self.spec.program.stop_signum)
+        with trio.move_on_after(self.spec.program.drain_timeout) as timer:
+            await slot.exited.wait()
+            await proc.wait_group_exited()
+        if timer.cancelled_caught:
+            log.warning("worker.drain_timed_out", pid=proc.pid, hint="killed with SIGKILL")
+            proc.signal_group(signal.SIGKILL)
+            with trio.move_on_after(REAP_TIMEOUT_S):
+                await slot.exited.wait()
+                await proc.wait_group_exited()
+
+    def recall(self) -> None:
+        """Undo ``retire`` for every slot: a rolling upgrade failed, the old workers return."""
+        for slot in self.slots:
+            slot.retired = False
+        self._recalled.set()
+        self._recalled = trio.Event()
 
     def _mark_ready(self, slot: WorkerSlot) -> None:
         if self.draining:
@@ -265,7 +429,9 @@ class Generation:
         slot.ever_ready = True
         if all(s.ever_ready for s in self.slots):
             self.ready.set()
+        if self.batch_ready():
             self._settled.set()
+        self._pulse()
 
     def abort(self, reason: str) -> None:
         """Give up on a generation that is not ready yet; it is drained and start() fails."""
@@ -276,6 +442,7 @@ class Generation:
         if self.failure is None:
             self.failure = reason
         self._settled.set()
+        self._pulse()
 
 
 async def run_generation(
@@ -398,24 +565,37 @@ def _not_ready_reason(gen: Generation) -> str:
         for s in gen.slots
         if not s.ever_ready
     ]
-    mode = gen.spec.program.ready
-    hint = (
-        '; the worker must send READY=1 to $NOTIFY_SOCKET (sd_notify), or set ready = "delay:N"'
-        if mode == "notify"
-        else ""
-    )
+    mode = gen.spec.program.ready_mode
+    hint = ""
+    if mode == "notify":
+        hint = '; the worker must send READY=1 to $NOTIFY_SOCKET (sd_notify), or set ready = "auto"'
+    elif mode in ("auto", "accepting"):
+        seen = [f"worker {s.index}: {_pending_reason(s)}" for s in gen.slots if not s.ever_ready]
+        hint = f" ({'; '.join(seen)})"
     return (
         f"generation {gen.number} was not ready within program.ready_timeout = "
         f"{gen.spec.program.ready_timeout:g}s: {', '.join(waiting)} never became ready{hint}"
     )
 
 
+def _pending_reason(slot: WorkerSlot) -> str:
+    if slot.fallback is not None or (slot.accepting and slot.notified):
+        why = "accepting, " if slot.accepting else ""
+        return f"{why}waiting for READY=1 (it speaks sd_notify){_fallback_note(slot)}"
+    return slot.observed or "not observed yet"
+
+
+def _fallback_note(slot: WorkerSlot) -> str:
+    return f"; readiness falls back to READY=1: {slot.fallback}" if slot.fallback else ""
+
+
 async def _drain(
     gen: Generation, *, signalled: bool = False, drain_timeout: float | None = None
 ) -> None:
-    """Stop signal (unless ``signalled`` already), wait up to ``drain_timeout``, return.
+    """Stop signal to every group (unless ``signalled`` already), wait up to ``drain_timeout``
+    for every process of the generation's trees, SIGKILL every group that is left.
 
-    The caller then cancels the workers' tasks, which SIGKILLs whatever is left.
+    The caller then cancels the workers' tasks, which reaps the leaders.
     """
     program = gen.spec.program
     signum = program.stop_signum
@@ -424,9 +604,8 @@ async def _drain(
     for slot in gen.slots:
         slot.state = "draining" if slot in live else "exited"
     if not signalled:
-        for slot in live:
-            assert slot.process is not None
-            slot.process.send_signal(signum)
+        for proc in gen.spawned:
+            proc.signal_group(signum)
     gen.drain_deadline = trio.current_time() + timeout
     log.info(
         "generation.draining",
@@ -435,12 +614,11 @@ async def _drain(
         signalled_before=signalled,
     )
     with trio.move_on_after(timeout) as timer:
-        for slot in live:
-            await slot.exited.wait()
+        await _wait_trees(gen, live)
     if timer.cancelled_caught:
-        stuck = [
-            s.process.pid for s in live if s.process is not None and s.process.returncode is None
-        ]
+        stuck = sorted({pid for proc in gen.spawned for pid in proc.group_roots()})
+        for proc in gen.spawned:
+            proc.signal_group(signal.SIGKILL)
         log.warning(
             "generation.drain_timed_out",
             drain_timeout=program.drain_timeout,
@@ -448,6 +626,16 @@ async def _drain(
             killed=stuck,
             hint="workers ignored the stop signal; they were killed with SIGKILL",
         )
+        with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
+            await _wait_trees(gen, live)
+
+
+async def _wait_trees(gen: Generation, live: Sequence[WorkerSlot]) -> None:
+    """Until every leader in ``live`` is reaped and no group of ``gen`` has a member left."""
+    for slot in live:
+        await slot.exited.wait()
+    for proc in list(gen.spawned):
+        await proc.wait_group_exited()
 
 
 async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) -> None:
@@ -462,14 +650,25 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 code = await _watch_adopted_worker(gen, slot)
             else:
                 await gen._wait_thawed()  # a frozen generation starts no worker
+                await _wait_enabled(gen, slot)
                 if gen.is_draining():
                     break
                 code = await _run_one_worker(gen, slot)
             slot.last_exit = describe_exit(code) if code is not None else slot.last_exit
+            # Its STATUS= text ("serving") described the process that is gone.
+            slot.status = None
             if gen.is_draining():
                 break
+            if slot.retired:
+                continue  # replaced by a rolling upgrade; _wait_enabled holds it until recalled
             if not gen.ready.is_set():
                 gen._fail(f"worker {slot.index} {slot.last_exit} before it was ready")
+                break
+            if gen.holding:
+                gen.lose_hold(
+                    f"worker {slot.index} of generation {gen.number} {slot.last_exit} during "
+                    f"the hold ({gen.hold_elapsed()})"
+                )
                 break
             slot.state = "backoff"
             slot.restarts += 1
@@ -484,6 +683,21 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
             await trio.sleep(backoff)
             backoff = min(backoff * 2, spec.backoff_max)
         slot.state = "exited"
+
+
+async def _wait_enabled(gen: Generation, slot: WorkerSlot) -> None:
+    """A slot of a rolling upgrade waits for its batch; a retired one for a recall."""
+    while (slot.index >= gen.enabled or slot.retired) and not gen.is_draining():
+        slot.state = "exited" if slot.retired else "starting"
+        waits = [gen._enabled.wait, gen._recalled.wait, gen._drain_requested.wait]
+        async with trio.open_nursery() as nursery:
+            for wait in waits:
+                nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
@@ -515,6 +729,8 @@ async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
         raise
     slot.process = proc
     slot.state = "starting"
+    slot.notified = slot.ready_sent = slot.accepting = slot.epoll_ready = False
+    slot.fallback = slot.observed = None
     log.info("worker.started", pid=proc.pid)
     return await _supervise_worker(gen, slot, proc, receiver, channel, deliver=True)
 
@@ -542,22 +758,31 @@ async def _supervise_worker(
     Returns the exit code, or None for a worker that is not our child (its status is unknown).
     """
     slot.notify, slot.channel = receiver, channel
+    gen._track(proc)
+    program = gen.spec.program
     try:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump_notify, gen, slot, receiver)
                 if channel is not None and deliver:
                     nursery.start_soon(_put_fds, gen.spec, gen.parked, channel)
-                delay = gen.spec.program.ready_delay
+                delay = program.ready_delay
                 if delay is not None and slot.state == "starting":
                     nursery.start_soon(_ready_after, gen, slot, delay)
+                if program.observed and slot.state == "starting":
+                    nursery.start_soon(_observe_worker, gen, slot)
                 code = await proc.wait()
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 # Handed over: the successor supervises this worker now; it must live on.
                 if proc.returncode is None and not gen.handed_over:
+                    proc.signal_group(signal.SIGKILL)
                     await kill_and_reap(proc)
+                elif not gen.handed_over and not gen.is_draining():
+                    # It died on its own: what it left in its group goes with it (a drain
+                    # signals and waits for them itself).
+                    proc.signal_group(program.stop_signum)
                 slot.exited.set()
             if proc.returncode is not None:
                 log.info("worker.exited", pid=proc.pid, reason=_exit_reason(proc))
@@ -599,6 +824,13 @@ def _spawn(
     env["HANDOFF_GENERATION"] = str(spec.number)
     env["HANDOFF_WORKER"] = str(slot.index)
     fdset = spec.listeners + parked.items()
+    # The listeners' status flags (O_NONBLOCK) live on the open file description every
+    # generation shares: restoring them under a running worker that set O_NONBLOCK would turn
+    # its next accept() into a blocking one and stall it. Only with no worker alive are they
+    # put back as bound, so a setting does not outlive the workers that made it.
+    if spec.live_workers() == 0:
+        restore_flags(fd for _, fd in spec.listeners)
+    revive_dead(fd for _, fd in spec.listeners)
     if program.fd_delivery == "listen_fds":
         env["LISTEN_FDS"] = str(len(fdset))
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)
@@ -634,7 +866,7 @@ def _spawn(
 
 
 async def _put_fds(spec: GenerationSpec, parked: ParkedFds, channel: socket.socket) -> None:
-    from ._passing import put
+    from ._passing_trio import put
 
     sock = trio.socket.from_stdlib_socket(channel)
     fdset = spec.listeners + parked.items()
@@ -662,6 +894,87 @@ async def _ready_after(gen: Generation, slot: WorkerSlot, delay: float) -> None:
     gen._mark_ready(slot)
 
 
+def _update_ready(gen: Generation, slot: WorkerSlot) -> None:
+    """Mark ``slot`` ready once its mode's condition holds (see the module notes)."""
+    mode = gen.spec.program.ready_mode
+    if mode == "notify":
+        ready = slot.ready_sent
+    elif mode == "accepting":
+        ready = slot.accepting
+    elif mode == "auto":
+        if slot.fallback is not None:
+            ready = slot.ready_sent
+        else:
+            ready = slot.accepting and (slot.ready_sent or not slot.notified)
+    else:
+        ready = False  # delay:N: its timer marks it ready
+    if ready and slot.state == "starting":
+        gen._mark_ready(slot)
+
+
+async def _observe_worker(gen: Generation, slot: WorkerSlot) -> None:
+    """Probe the worker's tree until it is accepting, then watch it during the hold."""
+    if not await _wait_accepting(gen, slot):
+        return
+    await gen._hold_begun.wait()
+    remembered: frozenset[int] = frozenset()
+    while gen.is_holding() and not gen.is_draining():
+        await trio.sleep(POLL_INTERVAL)
+        if not gen.is_holding():
+            return
+        check = gen.probe(slot, remembered)
+        remembered = check.waiters
+        what = f"worker {slot.index} of generation {gen.number}"
+        if check.verdict == "unobservable":
+            continue
+        if not check.holders:
+            gen.lose_hold(
+                f"{what} no longer holds any listener during the hold ({gen.hold_elapsed()})"
+            )
+        elif slot.epoll_ready and not check.epoll and not check.waiting_now:
+            gen.lose_hold(
+                f"{what} stopped waiting on its listeners (no epoll registration left) during "
+                f"the hold ({gen.hold_elapsed()})"
+            )
+
+
+async def _wait_accepting(gen: Generation, slot: WorkerSlot) -> bool:
+    """Poll until the tree is accepting (True) or cannot be observed (False, noted)."""
+    remembered: frozenset[int] = frozenset()
+    since: tuple[Verdict, float, frozenset[int]] | None = None
+    while True:
+        check = gen.probe(slot, remembered)
+        remembered = check.waiters
+        now = trio.current_time()
+        if since is None or since[0] != check.verdict or since[2] != check.holders:
+            since = (check.verdict, now, check.holders)
+        stable = now - since[1] >= STABLE_FOR
+        slot.observed = check.reason
+        if check.verdict == "accepting" and stable:
+            slot.accepting, slot.epoll_ready = True, check.epoll
+            _update_ready(gen, slot)
+            return True
+        if check.verdict == "unobservable" and stable:
+            if gen.spec.program.ready_mode == "auto":
+                _fall_back(gen, slot, check.reason)
+            return False
+        await trio.sleep(POLL_INTERVAL)
+
+
+def _fall_back(gen: Generation, slot: WorkerSlot, reason: str) -> None:
+    slot.fallback = reason
+    if gen.fallback is None:
+        gen.fallback = reason
+        log.warning(
+            "readiness.fallback",
+            reason=reason,
+            ready="READY=1",
+            hint="the workers' readiness cannot be seen in /proc (see reason); READY=1 from "
+            'the worker decides alone, as with ready = "notify"',
+        )
+    _update_ready(gen, slot)
+
+
 async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiver) -> None:
     while True:
         await gen._wait_thawed()
@@ -681,8 +994,10 @@ async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiv
 
 def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> None:
     kept = False
-    if message.ready and gen.spec.program.ready_delay is None:
-        gen._mark_ready(slot)
+    slot.notified = True
+    if message.ready:
+        slot.ready_sent = True
+        _update_ready(gen, slot)
     if message.status is not None:
         # Bounded: it is shown by `status` and travels in a self-upgrade's state message.
         slot.status = message.status[:_STATUS_MAX]

@@ -64,7 +64,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -85,24 +84,30 @@ from ._errors import (
     SpawnError,
     UpgradeError,
 )
-from ._generation import AdoptedWorker, WorkerState
+from ._generation import AdoptedWorker
 from ._listeners import Listener
-from ._notify import NotifyReceiver, notify
-from ._passing import Received, get, put
+from ._notify import NotifyReceiver
+from ._passing_trio import get, put
 from ._paths import HANDOVER_FD_ENV
+from ._peercred import peer_pid
+from ._phases import WorkerState  # noqa: TC001  pydantic resolves it at run time
 from ._pidfile import restore_pid_file
+from ._platform import SOCK_CLOEXEC
 from ._processes import kill_and_reap
+from ._sdnotify import notify
 from ._spawn import DEFAULT_SPAWNER, describe_exit
 from ._systemd import SystemdNotifier
+from ._validation import render_errors
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
 
     from ._generation import Generation
-    from ._processes import ProcessHandle
+    from ._passing import Received
+    from ._processes import ProcessHandle, Spawner
     from ._tickets import UpgradeQueue, UpgradeTicket
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 #: Version of ``SupervisorState``; see the module notes for the compatibility rule.
 STATE_VERSION: Final = 1
@@ -302,12 +307,8 @@ def snapshot(view: SupervisorView) -> tuple[SupervisorState, list[tuple[str, int
         for slot in gen.slots:
             proc, receiver = slot.process, slot.notify
             tag = f"worker:{gen.number}.{slot.index}"
-            live = (
-                proc is not None
-                and proc.returncode is None
-                and proc.pidfd >= 0
-                and receiver is not None
-            )
+            # Watched without a pidfd (kqueue), a live worker is handed over by pid only.
+            live = proc is not None and proc.returncode is None and receiver is not None
             workers.append(
                 HandedWorker(
                     index=slot.index,
@@ -317,7 +318,9 @@ def snapshot(view: SupervisorView) -> tuple[SupervisorState, list[tuple[str, int
                     restarts=slot.restarts,
                     last_exit=slot.last_exit,
                     ever_ready=slot.ever_ready,
-                    pidfd=key(f"{tag}:pidfd", proc.pidfd) if live and proc is not None else None,
+                    pidfd=key(f"{tag}:pidfd", proc.pidfd)
+                    if live and proc is not None and proc.pidfd >= 0
+                    else None,
                     notify=key(f"{tag}:notify", receiver.sock.fileno())
                     if live and receiver is not None
                     else None,
@@ -404,6 +407,7 @@ async def offer(
     self_upgrade_timeout: float,
     phase: Callable[[str, str | None], None],
     spawned: Callable[[int], None],
+    spawner: Spawner = DEFAULT_SPAWNER,
 ) -> Successor:
     """Start the new supervisor, hand it ``state`` and ``fds``, and wait for ``in_charge``.
 
@@ -411,11 +415,11 @@ async def offer(
         UpgradeError: it could not start, exited, refused, or did not answer within
             ``self_upgrade_timeout``; it has been killed and reaped, and nothing of ours was touched.
     """
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | SOCK_CLOEXEC)
     env = {k: v for k, v in environ.items() if k not in _NOT_FOR_SUCCESSOR}
     env[HANDOVER_FD_ENV] = "3"
     try:
-        process = DEFAULT_SPAWNER.spawn(
+        process = spawner.spawn(
             argv, environ=env, fds=[theirs.fileno()], set_listen_pid=False, own_process_group=False
         )
     except SpawnError as exc:
@@ -529,6 +533,7 @@ async def hand_over(
     systemd: SystemdNotifier,
     self_upgrade_timeout: float,
     generation: int,
+    spawner: Spawner = DEFAULT_SPAWNER,
 ) -> HandoverOutcome:
     """The old supervisor's side of one self-upgrade; never raises for a failure of the new one.
 
@@ -548,6 +553,8 @@ async def hand_over(
                     "handoffd runs as pid 1 (a container's init): its exit would end the "
                     "container, so it cannot hand over; restart the container instead"
                 )
+            if spawner.handover_refusal is not None:
+                raise UpgradeError(spawner.handover_refusal)
             # The same check the new one makes, here for the exact message and no spawn.
             loaded = load_config(config_path)
             argv = successor_command(ticket.request.exec_path, loaded.path, environ)
@@ -557,7 +564,14 @@ async def hand_over(
             state, fds = snapshot(view())
             ticket.phase("frozen", f"{len(gens)} generation(s), {len(fds)} fds to hand over")
             successor = await offer(
-                state, fds, argv, environ, self_upgrade_timeout, ticket.phase, spawned.append
+                state,
+                fds,
+                argv,
+                environ,
+                self_upgrade_timeout,
+                ticket.phase,
+                spawned.append,
+                spawner,
             )
             ticket.phase("in_charge", f"supervisor pid {successor.pid}")
             reply = ticket.ok(generation, generation, supervisor_pid=successor.pid)
@@ -647,7 +661,7 @@ def bind_staged_control_socket(path: Path, mode: int = 0o600) -> tuple[socket.so
     """Bind (mode 0600) and listen on our staged control socket; the caller renames it over
     ``path`` at the commit, so the old supervisor answers on ``path`` until then."""
     staged = staged_control_path(path, os.getpid())
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC)
     try:
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
@@ -709,7 +723,11 @@ class Handover:
 
     @classmethod
     async def receive(
-        cls, fd_text: str, config_path: Path, self_upgrade_timeout: float
+        cls,
+        fd_text: str,
+        config_path: Path,
+        self_upgrade_timeout: float,
+        spawner: Spawner = DEFAULT_SPAWNER,
     ) -> Handover:
         """Read the state and fd set from ``HANDOFF_SUPERVISOR_FD`` and rebuild everything.
 
@@ -727,7 +745,7 @@ class Handover:
                     f"supervisor.self_upgrade_timeout = {self_upgrade_timeout:g}s"
                 ) from None
             try:
-                return cls._rebuild(channel, received, config_path)
+                return cls._rebuild(channel, received, config_path, spawner)
             except ProtocolError as exc:
                 await _refuse(channel, str(exc))
                 raise
@@ -737,7 +755,11 @@ class Handover:
 
     @classmethod
     def _rebuild(
-        cls, channel: trio.socket.SocketType, received: Received, config_path: Path
+        cls,
+        channel: trio.socket.SocketType,
+        received: Received,
+        config_path: Path,
+        spawner: Spawner,
     ) -> Handover:
         fds = dict(received.fds)
         with ExitStack() as cleanup_on_fail:
@@ -784,7 +806,7 @@ class Handover:
                 program = _validate(ProgramConfig, hg.program, f"generation {hg.number}'s program")
                 workers: list[AdoptedWorker] = []
                 for hw in hg.workers:
-                    worker = _adopt(hw, take)
+                    worker = _adopt(hw, take, spawner)
                     cleanup_on_fail.callback(worker.close)
                     workers.append(worker)
                 generations.append(
@@ -966,10 +988,7 @@ def _read_state(payload: Mapping[str, JsonValue]) -> SupervisorState:
     try:
         return SupervisorState.model_validate(_migrate(dict(payload)))
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'state'}: {err['msg']}"
-            for err in exc.errors(include_url=False)[:3]
-        )
+        problems = "; ".join(render_errors(exc, whole="state", limit=3))
         raise ProtocolError(
             f"the supervisor state (version {version}) is malformed: {problems}"
         ) from exc
@@ -987,14 +1006,11 @@ def _validate(model: type[_M], value: Mapping[str, JsonValue], what: str) -> _M:
     try:
         return model.model_validate(value)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors(include_url=False)[:3]
-        )
+        problems = "; ".join(render_errors(exc, limit=3))
         raise ProtocolError(f"the supervisor state's {what} is not valid here: {problems}") from exc
 
 
-def _adopt(hw: HandedWorker, take: Callable[[str | None], int]) -> AdoptedWorker:
+def _adopt(hw: HandedWorker, take: Callable[[str | None], int], spawner: Spawner) -> AdoptedWorker:
     process: ProcessHandle | None = None
     receiver: NotifyReceiver | None = None
     channel: socket.socket | None = None
@@ -1002,7 +1018,7 @@ def _adopt(hw: HandedWorker, take: Callable[[str | None], int]) -> AdoptedWorker
         with ExitStack() as cleanup_on_fail:
             if hw.notify_path is None:
                 raise ProtocolError(f"worker pid {hw.pid} came without its notify socket path")
-            process = DEFAULT_SPAWNER.adopt(hw.pid, take(hw.pidfd))
+            process = spawner.adopt(hw.pid, None if hw.pidfd is None else take(hw.pidfd))
             cleanup_on_fail.callback(process.close)
             raw = _socket_from(take(hw.notify))
             cleanup_on_fail.callback(raw.close)
@@ -1039,9 +1055,9 @@ def _socket_from(fd: int) -> socket.socket:
 
 
 def _peer_pid(channel: trio.socket.SocketType) -> int:
-    creds = channel.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)
+    """The channel's peer; where the kernel does not say, our parent, which made the channel."""
+    pid = peer_pid(channel)
+    return os.getppid() if pid is None else pid
 
 
 async def _refuse(channel: trio.socket.SocketType, reason: str) -> None:
@@ -1070,7 +1086,7 @@ async def _claim_main_pid(environ: Mapping[str, str], status: str) -> None:
 async def _barrier(environ: Mapping[str, str]) -> bool:
     """sd_notify_barrier(3): send BARRIER=1 with a pipe's write end; systemd closes it once it
     has processed every earlier message, which the read end sees as POLLHUP."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    read_end, write_end = os.pipe()  # non-inheritable (PEP 446): pipe2(O_CLOEXEC) on Linux
     try:
         try:
             notify("BARRIER=1", [write_end], environ=environ)

@@ -18,22 +18,20 @@ Design notes:
 from __future__ import annotations
 
 import os
-import socket
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
+import trio
 
 from ._errors import ListenerError
 from ._launchd import launchd_sockets
+from ._listen_fds import InheritedFd, parse_listen_fds
 from ._listeners import Listener, adopt_inherited, bind_listener
-from ._systemd import InheritedFd, parse_listen_fds
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
-
-    import trio
+    from collections.abc import Mapping, Sequence
 
     from ._config import ListenerConfig, LoadedConfig
     from ._generation import Generation
@@ -41,6 +39,10 @@ if TYPE_CHECKING:
     from ._systemd import SystemdNotifier
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+# How often listeners are checked while a generation starts, holds or drains (a getsockopt
+# each): a listener a worker shut down refuses connections until the next check.
+GUARD_INTERVAL_S: Final = 0.02
 
 
 @final
@@ -161,18 +163,15 @@ class HeldListeners:
                 self.systemd.remove_fd(listener.name, listener.fd)
                 self.systemd.store_fd(config.name, listener.fd)
                 log.info("listener.renamed", listener=config.name, was=listener.name)
-            if (
-                listener.config.backlog != config.backlog
-                and listener.sock.type == socket.SOCK_STREAM
-            ):
-                listener.sock.listen(config.backlog)
-            listener.config = config
+            listener.apply(config)
         self.by_name = dict(plan.wanted)
         for li in plan.fresh:
             self.systemd.store_fd(li.name, li.fd)
         if retired:
             self.retired.update(li.name for li in retired)
             nursery.start_soon(self._close_retired, retired, list(users))
+        for gen in users:
+            nursery.start_soon(self.guard, gen.stopped)
 
     async def _close_retired(self, retired: list[Listener], users: list[Generation]) -> None:
         for gen in users:
@@ -183,9 +182,12 @@ class HeldListeners:
             self.retired.discard(li.name)
             li.close()
 
-    async def forget_retired(self, names: Iterable[str], users: Sequence[Generation]) -> None:
+    async def forget_retired(self, users: Sequence[Generation]) -> None:
         """Listeners retired under the previous supervisor (we have no fd): drop them from
         systemd's fd store once the generations that used them have stopped."""
+        names = sorted(self.retired)
+        if not names:
+            return
         for gen in users:
             await gen.stopped.wait()
         for name in names:
@@ -194,9 +196,29 @@ class HeldListeners:
                 self.systemd.remove_fd(name)
                 self.retired.discard(name)
 
-    def close_all(self) -> None:
+    def revive_dead(self) -> list[str]:
+        """Make every held listener someone shut down listen again; the names that cannot."""
+        return [li.name for li in self.by_name.values() if not li.revive()]
+
+    async def guard(self, until: trio.Event) -> None:
+        """Check the listeners every ``GUARD_INTERVAL_S`` until ``until`` is set.
+
+        Runs while a generation starts, holds or drains: those are the moments a worker's
+        shutdown(2) of its inherited listener would turn an upgrade into an outage. Polling,
+        because the kernel offers no event for it; an idle supervisor runs none.
+        """
+        while True:
+            self.revive_dead()
+            if until.is_set():
+                return  # after one last check: the fault often comes with a worker's exit
+            with trio.move_on_after(GUARD_INTERVAL_S):
+                await until.wait()
+
+    def close_all(self, *, unlink: bool) -> None:
+        """Close every held listener; ``unlink``: remove the socket files we bound (not after a
+        handover: the successor serves on them)."""
         for li in self.by_name.values():
-            li.close()
+            li.close(unlink=unlink)
 
 
 def open_listeners(

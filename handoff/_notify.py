@@ -1,4 +1,4 @@
-"""The sd_notify protocol: a client that sends, and the per-worker receiver that parses.
+"""The supervisor's end of the sd_notify protocol: the per-worker receiver, and its parser.
 
 Design notes:
 - Workers speak the protocol of sd_notify(3) to a datagram socket named by ``NOTIFY_SOCKET``:
@@ -7,7 +7,8 @@ Design notes:
 - The supervisor gives every worker its own socket, so a message is attributed to the worker by the
   socket it arrives on, not by the sender's pid. That is what makes ``systemd-notify --ready`` run
   from a worker's shell count even though its pid is not the worker's, and it is race-free.
-- The same client is used by handoffd to talk to systemd and by the worker library.
+- The client that sends (workers, and handoffd to systemd) is ``_sdnotify``, standard library
+  only; this module is the daemon's (trio, structlog).
 """
 
 from __future__ import annotations
@@ -16,65 +17,33 @@ import array
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 
+from ._platform import SOCK_CLOEXEC
+from ._sdnotify import SCM_MAX_FD
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+# Linux attaches each sender's credentials (SO_PASSCRED) and sets close-on-exec on received fds
+# atomically; elsewhere neither exists (``_peercred`` says what guards the notify sockets there).
+if sys.platform == "linux":
+    _RECV_FLAGS: Final = socket.MSG_CMSG_CLOEXEC
+    _SCM_CREDENTIALS: Final = socket.SCM_CREDENTIALS
+else:
+    _RECV_FLAGS: Final = 0
+    _SCM_CREDENTIALS: Final = -1
 
 # A notify datagram is small; systemd itself reads at most PIPE_BUF-ish lines. 64 KiB is far more
 # than any sane message and bounds what a misbehaving worker can make us buffer.
 NOTIFY_MAX_DATAGRAM: Final = 65536
-# unix(7): at most SCM_MAX_FD (253) fds travel in one message.
-SCM_MAX_FD: Final = 253
-
-
-def notify_address(value: str) -> str | bytes:
-    """Turn a ``NOTIFY_SOCKET`` value into a ``sendto`` address (``@name`` is abstract)."""
-    if value.startswith("@"):
-        return b"\0" + os.fsencode(value[1:])
-    return value
-
-
-def notify(
-    message: str,
-    fds: Sequence[int] = (),
-    *,
-    environ: Mapping[str, str] | None = None,
-    block: bool = True,
-    timeout: float | None = None,
-) -> bool:
-    """Send one sd_notify datagram to ``$NOTIFY_SOCKET``.
-
-    Returns False, sending nothing, when ``NOTIFY_SOCKET`` is unset: that is a process not run
-    under systemd or handoffd, for which readiness is meaningless. Raises ``OSError`` when the
-    socket is set but the message cannot be delivered; with ``block=False`` a receiver whose
-    queue is full raises ``BlockingIOError`` instead of stalling the caller (an event loop must
-    never wait on its service manager); with ``timeout`` it waits at most that long for room
-    (``TimeoutError``).
-
-    Example::
-
-        notify("READY=1\\nSTATUS=serving on 8080")
-    """
-    env = os.environ if environ is None else environ
-    target = env.get("NOTIFY_SOCKET")
-    if not target:
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        ancillary = []
-        if fds:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        if timeout is not None:
-            sock.settimeout(timeout)
-        flags = 0 if block else socket.MSG_DONTWAIT
-        sock.sendmsg([message.encode()], ancillary, flags, notify_address(target))
-    return True
 
 
 @final
@@ -153,12 +122,13 @@ class NotifyReceiver:
 
     @classmethod
     def bind(cls, path: str) -> NotifyReceiver:
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | SOCK_CLOEXEC)
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raw.bind(path)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            if sys.platform == "linux":  # elsewhere the 0700 runtime dir guards it (_peercred)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         except BaseException:
             raw.close()
             raise
@@ -170,7 +140,7 @@ class NotifyReceiver:
         cred_space = socket.CMSG_SPACE(12)  # struct ucred: pid, uid, gid
         while True:
             data, ancdata, flags, _ = await self.sock.recvmsg(
-                NOTIFY_MAX_DATAGRAM, fd_space + cred_space, socket.MSG_CMSG_CLOEXEC
+                NOTIFY_MAX_DATAGRAM, fd_space + cred_space, _RECV_FLAGS
             )
             fds: list[int] = []
             pid: int | None = None
@@ -179,8 +149,11 @@ class NotifyReceiver:
                     arr = array.array("i")
                     arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                     fds.extend(arr)
-                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                elif level == socket.SOL_SOCKET and kind == _SCM_CREDENTIALS:
                     pid = int.from_bytes(payload[0:4], "little", signed=True)
+            if not _RECV_FLAGS:
+                for fd in fds:  # no MSG_CMSG_CLOEXEC here: close-on-exec right after
+                    os.set_inheritable(fd, False)
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
                 close_fds(fds)
                 log.warning("notify.truncated", path=self.path, sender_pid=pid)

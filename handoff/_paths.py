@@ -11,6 +11,8 @@ import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from ._errors import ConfigError
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
 #: The variable naming the handover channel's fd in a successor supervisor (see ``_handover``);
 #: here so that a start-up that is not a handover need not load the handover's models.
 HANDOVER_FD_ENV: Final = "HANDOFF_SUPERVISOR_FD"
+#: The longest path a Unix socket address can hold: sun_path is 108 bytes with its NUL (unix(7)).
+SUN_PATH_MAX: Final = 107
 
 
 def runtime_dir_for(configured: Path | None, environ: Mapping[str, str]) -> Path:
@@ -44,17 +48,33 @@ def control_socket_for(
     return runtime_dir_for(configured_runtime, environ) / "control.sock"
 
 
-def find_control_socket(path: Path, environ: Mapping[str, str]) -> Path:
+def find_control_socket(path: Path, environ: Mapping[str, str], *, named: bool = False) -> Path:
     """The control socket named by the config at ``path``, read leniently.
 
     Only ``supervisor.runtime_dir`` and ``supervisor.control_socket`` are looked at, so that a
     config the operator just broke still lets ``handoffd upgrade`` reach the running daemon,
     which then reports the config error as the reason the upgrade failed.
+
+    Args:
+        path: the config file.
+        environ: where the default runtime directory is looked up.
+        named: the user named ``path`` (``--config``): a file that cannot be read is then an
+            error, not the default socket, which may belong to another daemon.
+
+    Raises:
+        ConfigError: ``named`` and the file cannot be read.
     """
     path = path.absolute()
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+    except OSError as exc:
+        if named:
+            raise ConfigError(
+                f"config {path}: cannot read it ({exc.strerror}); name the config the daemon "
+                "runs with, or its control socket with --socket PATH"
+            ) from exc
+        raw = {}
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
         raw = {}
     section = raw.get("supervisor")
     found: dict[str, Path] = {}

@@ -11,6 +11,7 @@ The table, one upgrade at a time (see ``_supervisor`` for the loop that walks it
     spawning       -> waiting_ready | running         config/listeners bad: failed, N serves
     waiting_ready  -> holding | running               N+1 exited / timed out: failed, N serves
     holding        -> running                         N drains (ok), or N+1 stopped (failed)
+    holding        -> waiting_ready                   rolling: the next batch of N+1 starts
     self-upgrading -> running | handed-over           failed (we carry on), or committed
     handed-over    -> (end)                           the successor supervises; we exit
     stopping       -> (end)                           every generation drains, then we exit
@@ -38,12 +39,15 @@ Phase = Literal[
     "stopping",
 ]
 
+#: A worker slot's state, as ``handoffd status`` shows it.
+WorkerState = Literal["starting", "ready", "draining", "backoff", "exited"]
+
 TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     "starting": frozenset({"running", "stopping"}),
     "running": frozenset({"spawning", "self-upgrading", "stopping"}),
     "spawning": frozenset({"waiting_ready", "running"}),
     "waiting_ready": frozenset({"holding", "running"}),
-    "holding": frozenset({"running"}),
+    "holding": frozenset({"running", "waiting_ready"}),
     "self-upgrading": frozenset({"running", "handed-over"}),
     "handed-over": frozenset(),
     "stopping": frozenset(),

@@ -1,10 +1,23 @@
-"""The pid file: written at start (and by a successor), removed at a clean stop if still ours."""
+"""The pid file: written atomically and safely, removed at exit if it still names us.
+
+Design notes:
+- The pid file often lives in a directory that another user may write (a service user's
+  ``/var/run/app``, ``/tmp``). A predictable temp name that follows symlinks lets that user make
+  root overwrite any file: the temp file is created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` under a
+  random name, in the pid file's own directory (so ``rename(2)`` is atomic), and renamed over
+  the pid file. ``rename`` replaces a symlink at the pid file's name; it never follows it.
+- The mode is set with ``fchmod`` to 0644, whatever the umask: a world-writable pid file lets
+  anyone point ``kill $(cat handoffd.pid)`` at another process.
+- Everything is done relative to an fd of the directory, opened once, so the directory cannot be
+  swapped between the create and the rename.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
 
@@ -13,27 +26,88 @@ from ._errors import ConfigError
 if TYPE_CHECKING:
     from pathlib import Path
 
+#: The pid file's mode: readable by everyone (``kill $(cat ...)``), writable by us only.
+PID_FILE_MODE: Final = 0o644
+# Random temp names collide only if someone plants them on purpose; give up after a few.
+_TEMP_ATTEMPTS: Final = 8
+_OPEN_DIR: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_CREATE: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 
 def write_pid_file(path: Path) -> None:
-    """Write our pid atomically (temp file + rename), so a reader never sees a partial file."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}")
-    temp.write_text(f"{os.getpid()}\n")
-    os.rename(temp, path)
+    """Write our pid to ``path`` atomically (random O_EXCL temp + rename), mode 0644.
+
+    Raises:
+        OSError: the directory cannot be opened or written.
+    """
+    dir_fd = os.open(path.parent, _OPEN_DIR)
+    try:
+        temp, fd = _create_temp(dir_fd, path.name)
+        try:
+            try:
+                os.fchmod(fd, PID_FILE_MODE)
+                data = f"{os.getpid()}\n".encode()
+                while data:
+                    data = data[os.write(fd, data) :]
+            finally:
+                os.close(fd)
+            os.rename(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+    finally:
+        os.close(dir_fd)
 
 
-def write_pid_file_or_fail(path: Path | None) -> None:
-    """``write_pid_file`` at start-up, where failing to write it is a config error."""
+def _create_temp(dir_fd: int, name: str) -> tuple[str, int]:
+    for _ in range(_TEMP_ATTEMPTS):
+        temp = f".{name}.{secrets.token_hex(8)}"
+        try:
+            return temp, os.open(temp, _CREATE, 0o600, dir_fd=dir_fd)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{_TEMP_ATTEMPTS} random temp names next to {name} already exist")
+
+
+def write_configured_pid_file(path: Path | None) -> None:
+    """``write_pid_file`` for ``supervisor.pid_file`` (nothing when it is not set).
+
+    Raises:
+        ConfigError: naming the setting, the reason and the fix.
+    """
     if path is None:
         return
     try:
         write_pid_file(path)
     except OSError as exc:
         raise ConfigError(
-            f"supervisor.pid_file = {str(path)!r}: cannot write it: {exc.strerror}; use a "
+            f"supervisor.pid_file = {str(path)!r}: cannot write it: {exc.strerror or exc}; use a "
             "writable path, such as one under supervisor.runtime_dir"
         ) from exc
+
+
+def remove_pid_file(path: Path | None) -> None:
+    """Remove the pid file if it still names us (a successor rewrites it with its own pid).
+
+    A symlink at the pid file's name is never followed: it is not a file we wrote.
+    """
+    if path is None:
+        return
+    with suppress(OSError):
+        dir_fd = os.open(path.parent, _OPEN_DIR)
+        try:
+            fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                content = os.read(fd, 64)
+            finally:
+                os.close(fd)
+            if content.strip() == str(os.getpid()).encode():
+                os.unlink(path.name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def restore_pid_file(path: Path | None) -> None:
@@ -44,12 +118,3 @@ def restore_pid_file(path: Path | None) -> None:
         write_pid_file(path)
     except OSError as exc:
         log.warning("pid_file.not_restored", path=str(path), error=exc.strerror)
-
-
-def remove_pid_file(path: Path | None) -> None:
-    """Remove the pid file if it still names us (a successor rewrites it with its own pid)."""
-    if path is None:
-        return
-    with suppress(OSError):
-        if path.read_text().strip() == str(os.getpid()):
-            path.unlink()

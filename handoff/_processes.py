@@ -2,13 +2,19 @@
 
 The supervisor, the generations and the handover never call ``posix_spawn``, ``pidfd_open`` or
 ``waitid`` themselves; they go through a ``Spawner`` that returns ``ProcessHandle`` objects.
-The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.3+). Unit tests pass
+The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.4+); ``_portable`` has
+the one for kernels without pidfds (kqueue, or SIGCHLD + waitid). Unit tests pass
 the fakes of ``tests/fakes.py`` instead, so the state machine runs on trio's virtual clock with
 processes the test drives (the shape tableflip's ``env`` struct gives its upgrader).
 
 Design notes:
 - A handle is owned by exactly one task (the worker slot that runs it); ``close()`` releases
   what watches it (a pidfd) without signalling it, which is how a self-upgrade lets go.
+- A worker owns its whole process tree: it leads its own process group, and handoffd is a child
+  subreaper, so descendants whose parent died become handoffd's children and still carry the
+  worker's process group id. ``signal_group`` signals all of them (stop, drain, SIGKILL);
+  ``group_roots`` names them for observation and ``status``; ``wait_group_exited`` waits for the
+  last one. A handle must only signal a group id that cannot have been reused: see ``_spawn``.
 - ``kill_and_reap`` is the one place that SIGKILLs and waits a bounded time for the reap; every
   caller (a worker slot's cleanup, a failed successor) shares its bound.
 """
@@ -51,6 +57,25 @@ class ProcessHandle(Protocol):
         """SIGKILL it; a no-op once it has exited."""
         ...
 
+    def signal_group(self, sig: int) -> None:
+        """Signal every process of its process group (the process too, while it lives).
+
+        A no-op once the process has exited and no member of its group is left.
+        """
+        ...
+
+    def group_roots(self) -> list[int]:
+        """The process (while it lives) and the members of its group reparented to us.
+
+        Every process of the worker's tree is one of these or a descendant of one (a process
+        that left the group and was orphaned is not attributed).
+        """
+        ...
+
+    async def wait_group_exited(self) -> None:
+        """After ``wait()`` returned: block until no member of its process group is left."""
+        ...
+
     def close(self) -> None:
         """Stop watching it, without signalling it."""
         ...
@@ -58,6 +83,10 @@ class ProcessHandle(Protocol):
 
 class Spawner(Protocol):
     """Starts worker processes and adopts handed-over ones."""
+
+    #: Why a self-upgrade cannot hand this spawner's processes to a successor here (the
+    #: user-facing refusal, with the fix), or None when it can.
+    handover_refusal: str | None
 
     def spawn(
         self,

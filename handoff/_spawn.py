@@ -14,14 +14,26 @@ Design notes:
   drains them, instead of killing every worker at once.
 - The pidfd gives a wait that is an fd (``wait_readable``) and signals that cannot hit a
   recycled pid.
+- A worker's tree: handoffd is a child subreaper (prctl(2) ``PR_SET_CHILD_SUBREAPER``), so a
+  descendant whose parent dies becomes our child instead of init's, keeps the worker's process
+  group id (the worker's pid), and is reaped by ``reap_orphans`` (on SIGCHLD). A worker's own
+  pid is never reaped there: its pidfd wait owns its exit status.
+- Group signals and pid reuse: ``killpg(pid)`` is only sent while the group id cannot name
+  another group. While the leader is not reaped (alive or a zombie we have not waited for) its
+  pid, hence the group id, is reserved; once it is reaped, only while a member of the group is
+  our child that we have not reaped (alive or zombie), which holds the group id as well.
+  An adopted worker (a self-upgrade; not our child) is signalled through its pidfd only.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
@@ -31,16 +43,23 @@ import trio
 from ._errors import SpawnError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
+    from ._processes import ProcessHandle
+
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 # sh(1) exec shim: export LISTEN_PID as the shell's own pid, then become the worker.
 _SHIM: Final = 'LISTEN_PID=$$; export LISTEN_PID; exec "$@"'
+#: Set in a worker's environment, the shim lowers its soft RLIMIT_NOFILE to this (see _limits).
+NOFILE_ENV: Final = "HANDOFF_NOFILE"
+_NOFILE_SHIM: Final = f'ulimit -S -n "${NOFILE_ENV}" || exit 126; unset {NOFILE_ENV}; '
 _SHELL: Final = "/bin/sh"
 # Signals Python leaves as SIG_IGN, which exec would otherwise pass on to the worker.
 _RESET_SIGNALS: Final = (signal.SIGPIPE, signal.SIGXFSZ)
+# prctl(2): become the reaper of orphaned descendants (linux/prctl.h).
+PR_SET_CHILD_SUBREAPER: Final = 36
 
 
 # Children we spawned and have not reaped yet. As PID 1, handoffd also reaps orphans it did not
@@ -51,6 +70,100 @@ _unreaped: set[int] = set()
 def unreaped_children() -> frozenset[int]:
     """Pids of workers this process spawned and has not reaped (see ``_unreaped``)."""
     return frozenset(_unreaped)
+
+
+# Replaced (after being set) whenever reap_orphans reaped something: one Event per occurrence.
+_orphans_reaped: trio.Event | None = None
+
+
+def _reaped_event() -> trio.Event:
+    global _orphans_reaped
+    if _orphans_reaped is None:
+        _orphans_reaped = trio.Event()
+    return _orphans_reaped
+
+
+def become_subreaper() -> str | None:
+    """Make handoffd the reaper of its workers' orphans; returns why not, or None.
+
+    Linux only (prctl(2) ``PR_SET_CHILD_SUBREAPER``, since 3.4). Elsewhere orphans go to init
+    and a generation's tree is what its process groups still hold.
+    """
+    if os.uname().sysname != "Linux":  # not sys.platform: mypy --platform darwin checks on
+        return f"{sys.platform} has no PR_SET_CHILD_SUBREAPER"
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError as exc:
+        return f"cannot load the C library: {exc}"
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        return f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"
+    return None
+
+
+def _our_children() -> set[int]:
+    """Our children, from ``/proc/self/task/*/children`` (each thread has its own)."""
+    children: set[int] = set()
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                children.update(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return children
+
+
+def process_group_of(pid: int) -> int | None:
+    """The process group id of ``pid`` (proc(5) ``stat`` field 5), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def group_orphans(pgid: int) -> list[int]:
+    """Our children in process group ``pgid`` other than workers: reparented descendants."""
+    return sorted(pid for pid in _our_children() - _unreaped if process_group_of(pid) == pgid)
+
+
+def reap_orphans() -> list[tuple[int, int | None]]:
+    """Reap exited children that are not workers; returns (pid, process group) of each.
+
+    Workers (every child we spawned and have not reaped, including those of a generation still
+    starting) are reaped through their pidfds; waiting on them here would steal their status.
+    """
+    reaped: list[tuple[int, int | None]] = []
+    for pid in sorted(_our_children() - _unreaped):
+        group = process_group_of(pid)
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            continue
+        if done == pid:
+            reaped.append((pid, group))
+    if reaped:
+        global _orphans_reaped
+        _reaped_event().set()
+        _orphans_reaped = trio.Event()
+    return reaped
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning(
+            "worker.signal_refused",
+            process_group=pgid,
+            signal=sig,
+            hint="a process of the group became another user; run handoffd as root",
+        )
 
 
 @final
@@ -73,13 +186,8 @@ class WorkerProcess:
     def _reap(self) -> int:
         code = 0
         if self.is_child:
-            try:
-                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            except ChildProcessError:
-                info = None
-            if info is not None:
-                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-            _unreaped.discard(self.pid)
+            code = _reap_pidfd(self.pidfd)
+            untrack_child(self.pid)
         self.returncode = code
         self.close()
         return code
@@ -88,28 +196,114 @@ class WorkerProcess:
         """Signal the worker; a no-op once it has exited (the pidfd prevents pid reuse races)."""
         if self.returncode is not None:
             return
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            # A worker that became another user (setuid) cannot be signalled by a non-root
-            # handoffd; a drain then ends with its timeout. Never an error that ends the daemon.
-            log.warning(
-                "worker.signal_refused",
-                pid=self.pid,
-                signal=sig,
-                hint="run handoffd as root, or keep the worker's uid",
-            )
+        deliver_signal(self.pid, sig, lambda: _pidfd_send_signal(self.pidfd, sig))
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
+
+    def signal_group(self, sig: int) -> None:
+        signal_group(self, sig)
+
+    def group_roots(self) -> list[int]:
+        return group_roots(self)
+
+    async def wait_group_exited(self) -> None:
+        await wait_group_exited(self)
 
     def close(self) -> None:
         if self.pidfd >= 0:
             trio.lowlevel.notify_closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
+
+
+# The tree of a worker, for every watcher (pidfds here, ``_portable`` elsewhere): the handle
+# only supplies pid, is_child, returncode and send_signal.
+
+
+def signal_group(process: ProcessHandle, sig: int) -> None:
+    """Signal the worker's process group (see the module notes on pid reuse)."""
+    if not process.is_child:
+        process.send_signal(sig)
+    elif process.returncode is None:
+        left_group = process_group_of(process.pid) not in (process.pid, None)
+        _killpg(process.pid, sig)
+        if left_group:  # the worker moved to another group; its old one got the signal
+            process.send_signal(sig)
+    elif group_orphans(process.pid):
+        _killpg(process.pid, sig)
+
+
+def group_roots(process: ProcessHandle) -> list[int]:
+    """The worker (while it lives) and the members of its group reparented to us."""
+    alive = [process.pid] if process.returncode is None else []
+    return alive + (group_orphans(process.pid) if process.is_child else [])
+
+
+async def wait_group_exited(process: ProcessHandle) -> None:
+    """Wait (on ``reap_orphans``, driven by SIGCHLD) until the group has no member left."""
+    await trio.lowlevel.checkpoint()
+    while process.is_child:
+        reaped = _reaped_event()
+        if not group_orphans(process.pid):
+            return
+        await reaped.wait()
+
+
+def track_child(pid: int) -> None:
+    """A worker whose exit status a watcher owns: ``reap_orphans`` must never reap it."""
+    _unreaped.add(pid)
+
+
+def untrack_child(pid: int) -> None:
+    """Its watcher reaped it."""
+    _unreaped.discard(pid)
+
+
+def deliver_signal(pid: int, sig: int, send: Callable[[], None]) -> None:
+    """Run ``send`` (which signals ``pid``); a process already gone is no error, nor a refusal.
+
+    A worker that became another user (setuid) cannot be signalled by a non-root handoffd; a
+    drain then ends with its timeout. Never an error that ends the daemon.
+    """
+    try:
+        send()
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning(
+            "worker.signal_refused",
+            pid=pid,
+            signal=sig,
+            hint="run handoffd as root, or keep the worker's uid",
+        )
+
+
+# The Linux-only calls, each guarded so that the module type-checks (and imports) elsewhere.
+def _pidfd_open(pid: int) -> int:
+    if sys.platform == "linux":
+        return os.pidfd_open(pid)
+    raise OSError(errno.ENOSYS, f"pidfd_open(2) is Linux only (this is {sys.platform})")
+
+
+def _pidfd_send_signal(pidfd: int, sig: int) -> None:
+    if sys.platform == "linux":
+        signal.pidfd_send_signal(pidfd, sig)
+        return
+    raise OSError(errno.ENOSYS, f"pidfd_send_signal(2) is Linux only (this is {sys.platform})")
+
+
+def _reap_pidfd(pidfd: int) -> int:
+    """waitid(P_PIDFD): the exit code, or -signal; 0 when someone else reaped it."""
+    if sys.platform == "linux":
+        try:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        except ChildProcessError:
+            return 0
+        if info is None:
+            return 0
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+    raise OSError(errno.ENOSYS, f"waitid(P_PIDFD) is Linux only (this is {sys.platform})")
 
 
 def describe_exit(code: int) -> str:
@@ -147,7 +341,7 @@ def resolve_command(command: Sequence[str], environ: Mapping[str, str], cwd: Pat
     return found
 
 
-def spawn_worker(
+def start_process(
     command: Sequence[str],
     *,
     environ: Mapping[str, str],
@@ -155,13 +349,13 @@ def spawn_worker(
     set_listen_pid: bool,
     cwd: Path | None = None,
     own_process_group: bool = True,
-) -> WorkerProcess:
-    """Start ``command`` with ``fds`` at 3, 4, ... and return it as a pidfd-backed process.
+) -> int:
+    """Start ``command`` with ``fds`` at 3, 4, ... and return its pid; the caller watches it.
 
     The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
     the worker also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
     the child in our process group (a successor supervisor, which must get the terminal's
-    Ctrl-C as we do).
+    Ctrl-C as we do). Shared by every process watcher (pidfds here, ``_portable`` elsewhere).
 
     Raises:
         SpawnError: the command cannot be found or started.
@@ -176,10 +370,13 @@ def spawn_worker(
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
         actions += [(os.POSIX_SPAWN_DUP2, src, 3 + i) for i, src in enumerate(staged)]
-        if set_listen_pid or cwd is not None:
-            # posix_spawn has no portable chdir action: the shim changes directory itself.
-            script = ('cd "$1" || exit 126; shift; ' if cwd is not None else "") + (
-                _SHIM if set_listen_pid else 'exec "$@"'
+        nofile = NOFILE_ENV in environ
+        if set_listen_pid or cwd is not None or nofile:
+            # posix_spawn has no portable chdir or setrlimit action: the shim does them itself.
+            script = (
+                ('cd "$1" || exit 126; shift; ' if cwd is not None else "")
+                + (_NOFILE_SHIM if nofile else "")
+                + (_SHIM if set_listen_pid else 'exec "$@"')
             )
             argv = [_SHELL, "-c", script, "handoffd-worker"]
             argv += [str(cwd)] if cwd is not None else []
@@ -206,20 +403,32 @@ def spawn_worker(
     finally:
         for fd in staged:
             os.close(fd)
+    return pid
+
+
+def watch_child(pid: int, program: str) -> WorkerProcess:
+    """Watch the child ``start_process`` just started through a pidfd (Linux 5.4+).
+
+    Raises:
+        SpawnError: no pidfd could be opened; the child has been killed and reaped.
+    """
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = _pidfd_open(pid)
     except OSError as exc:
         # Never leave a worker we cannot watch holding the listeners: kill and reap it now.
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise SpawnError(f"cannot watch {command[0]!r} (pid {pid}): {exc.strerror}") from exc
-    _unreaped.add(pid)
+        raise SpawnError(f"cannot watch {program!r} (pid {pid}): {exc.strerror}") from exc
+    track_child(pid)
     return WorkerProcess(pid=pid, pidfd=pidfd)
 
 
 @final
 class PidfdSpawner:
     """The default ``Spawner`` (see ``_processes``): posix_spawn, watched through pidfds."""
+
+    #: pidfds travel to a successor: a self-upgrade can always hand the workers over.
+    handover_refusal: str | None = None
 
     def spawn(
         self,
@@ -231,7 +440,7 @@ class PidfdSpawner:
         cwd: Path | None = None,
         own_process_group: bool = True,
     ) -> WorkerProcess:
-        return spawn_worker(
+        pid = start_process(
             command,
             environ=environ,
             fds=fds,
@@ -239,6 +448,7 @@ class PidfdSpawner:
             cwd=cwd,
             own_process_group=own_process_group,
         )
+        return watch_child(pid, command[0])
 
     def adopt(self, pid: int, pidfd: int | None = None) -> WorkerProcess:
         return adopt_process(pid, pidfd)
@@ -259,5 +469,5 @@ def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
         ProcessLookupError: (without ``pidfd``) no process has this pid any more.
     """
     return WorkerProcess(
-        pid=pid, pidfd=os.pidfd_open(pid) if pidfd is None else pidfd, is_child=False
+        pid=pid, pidfd=_pidfd_open(pid) if pidfd is None else pidfd, is_child=False
     )

@@ -7,6 +7,9 @@ instead of opening listeners and starting generation 1.
 Design notes:
 - Signal handlers are installed before READY=1 is sent anywhere: a SIGHUP that arrived between
   READY and the handler would otherwise take its default action and kill the daemon.
+- handoffd is a child subreaper (``_spawn.become_subreaper``) from the start, and reaps on every
+  SIGCHLD the children that are not workers: descendants of workers whose parent died (they are
+  attributed to their generation by process group), and, as PID 1, any orphan at all.
 - Whoever opens a resource closes it: this module opens the control socket and the listeners
   and closes them on the way out, whatever the supervisor did meanwhile.
 """
@@ -15,22 +18,23 @@ from __future__ import annotations
 
 import os
 import signal
-from contextlib import suppress
 from typing import TYPE_CHECKING
 
 import structlog
 import trio
 
-from . import _client
 from ._config import control_socket_path
 from ._control import UpgradeRequest, bind_control_socket, serve_control
-from ._errors import HandoffError, ListenerError
-from ._generation import notify_dir_ok
+from ._errors import ConfigError, ListenerError
 from ._held import open_listeners
+from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
 from ._paths import HANDOVER_FD_ENV
-from ._pidfile import remove_pid_file, write_pid_file_or_fail
-from ._spawn import DEFAULT_SPAWNER, unreaped_children
+from ._pidfile import remove_pid_file, write_configured_pid_file
+from ._platform import record as record_degradations
+from ._portable import reap_children, select_spawner
+from ._runtime_dir import open_runtime_dir, refuse_if_running, unlink_if_ours
+from ._spawn import become_subreaper, reap_orphans
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -49,33 +53,47 @@ async def run_supervisor(
     loaded: LoadedConfig,
     environ: Mapping[str, str],
     *,
-    spawner: Spawner = DEFAULT_SPAWNER,
+    spawner: Spawner | None = None,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run handoffd until stopped: listeners, control socket, generation 1, upgrades.
 
+    ``spawner`` defaults to the one this kernel supports (``_portable.select_spawner``:
+    pidfds, else kqueue, else SIGCHLD + waitid; ``HANDOFF_PLATFORM=portable`` forces the
+    portable one).
+
     Raises:
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
+    if spawner is None:
+        spawner = _platform_spawner(environ)
     handover_fd = environ.get(HANDOVER_FD_ENV)
-    if handover_fd is not None:
-        environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    raise_nofile_limit(environ)
     sup = Supervisor(loaded, environ, spawner)
     supervisor = loaded.config.supervisor
     control_path = control_socket_path(supervisor, environ)
     if handover_fd is None:
-        _refuse_if_running(control_path)
-    _prepare_runtime_dir(sup, control_path)
-    allowed = frozenset({0, os.getuid(), *supervisor.allowed_uids})
+        refuse_if_running(control_path)
+    runtime = open_runtime_dir(sup.runtime_dir, control_path)
+    sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
+    sup.gens.notify_dir = sup.notify_dir
+    allowed = sup.allowed_uids
     # Others than root and us can only connect if the socket file lets them (unix(7)); the
     # SO_PEERCRED check then admits exactly the allowed uids.
-    control_mode = 0o666 if set(allowed) - {0, os.getuid()} else 0o600
+    control_mode = 0o666 if allowed - {0, os.getuid()} else 0o600
     if control_mode != 0o600:
         # The allowed users must be able to reach the socket: traverse, but not list or write.
-        os.chmod(sup.runtime_dir, 0o711)
-    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2]
-    if os.getpid() == 1:
-        signals_wanted.append(signal.SIGCHLD)
+        runtime.allow_traverse()
+    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGCHLD]
+    problem = become_subreaper()
+    if problem is not None:
+        log.warning(
+            "supervisor.not_subreaper",
+            reason=problem,
+            hint="descendants whose parent dies go to init: a generation's drain then waits "
+            "only for what its process groups still hold",
+        )
     handover: Handover | None = None
     control: socket.socket | None = None
     sup.control_path = control_path
@@ -84,18 +102,18 @@ async def run_supervisor(
             if handover_fd is None:
                 sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
                 control = _bind_control(control_path, control_mode)
-                write_pid_file_or_fail(supervisor.pid_file)
+                write_configured_pid_file(supervisor.pid_file)
             else:
                 handover = await _receive(sup, handover_fd)
                 control, control_path = await handover.take_over(
                     control_path,
                     control_mode,
-                    lambda: write_pid_file_or_fail(supervisor.pid_file),
+                    lambda: write_configured_pid_file(supervisor.pid_file),
                     supervisor.self_upgrade_timeout,
                 )
                 sup.control_path = control_path
                 sup.last_upgrade = handover.last_upgrade
-            sup.control_inode = os.stat(control_path).st_ino
+            sup.control_inode = runtime.verify_control_socket(control_path)
             async with trio.open_nursery() as root:
                 await root.start(serve_control, control, sup, allowed)
                 root.start_soon(_handle_signals, sup, signals)
@@ -110,12 +128,29 @@ async def run_supervisor(
                 handover.close()  # whatever was received and not claimed
             if control is not None:
                 control.close()
-            sup.held.close_all()
+            sup.held.close_all(unlink=sup.successor_pid is None)
             sup.parked.close_all()
-            _unlink_if_ours(sup.control_path, sup.control_inode)
+            unlink_if_ours(sup.control_path, sup.control_inode)
+            runtime.close()
             if sup.successor_pid is None:
                 remove_pid_file(supervisor.pid_file)
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
+
+
+def _platform_spawner(environ: Mapping[str, str]) -> Spawner:
+    """Choose the process watcher for this kernel; log and record each degradation once.
+
+    Raises:
+        ConfigError: ``HANDOFF_PLATFORM`` has an unknown value.
+    """
+    try:
+        spawner, degraded = select_spawner(environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    record_degradations(degraded)
+    for each in degraded:
+        log.warning("platform.degraded", what=each.what, why=each.why)
+    return spawner
 
 
 async def _run_until_stopped(
@@ -137,7 +172,9 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     from ._handover import Handover
 
     supervisor = sup.loaded.config.supervisor
-    handover = await Handover.receive(handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout)
+    handover = await Handover.receive(
+        handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout, sup.gens.spawner
+    )
     claimed = handover.claim()
     sup.held.systemd = sup.systemd = claimed.systemd
     sup.held.adopt(claimed.listeners)
@@ -171,11 +208,18 @@ def _log_ready(sup: Supervisor, handover: Handover | None) -> None:
 
 async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
     """SIGHUP upgrades, SIGUSR2 self-upgrades, the first SIGTERM/SIGINT stops, a second one
-    kills the workers now; SIGCHLD (as PID 1 only) reaps orphans."""
+    kills the workers now; SIGCHLD reaps orphans (never a worker: its pidfd wait does)."""
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGCHLD:
-            _reap_orphans(unreaped_children())
+            reap_children(sup.gens.spawner)  # the waitid watcher's workers first: their status
+            for pid, group in reap_orphans():
+                log.info(
+                    "orphan.reaped",
+                    pid=pid,
+                    process_group=group,
+                    generation=sup.gens.generation_of_group(group),
+                )
         elif sup.successor_pid is not None:
             # The workers are the successor's now; never act on them from here.
             log.warning("signal.received", signal=name, action="ignored: handed over")
@@ -191,68 +235,3 @@ async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
         else:
             log.info("signal.received", signal=name, action="stop")
             sup.stop()
-
-
-def _reap_orphans(known: frozenset[int]) -> None:
-    """As PID 1 (a container), reap exited processes that are not our workers.
-
-    Workers (every child we spawned and have not reaped, including those of a generation still
-    starting) are reaped through their pidfds; waiting on them here would steal their status.
-    """
-    children: set[int] = set()
-    try:
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as f:
-                children.update(int(p) for p in f.read().split())
-    except OSError:
-        return
-    for pid in children - known:
-        with suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-
-
-def _refuse_if_running(control_path: Path) -> None:
-    """Refuse to start over a live daemon: binding would steal its control socket."""
-    try:
-        reply = _client.call(control_path, {"op": "status"}, timeout=2.0)
-    except HandoffError:
-        return  # nothing answers there: the path is free (or stale)
-    raise ListenerError(
-        f"another handoffd (pid {reply.get('pid')}) already serves the control socket "
-        f"{control_path}; stop it first, or give this one another supervisor.runtime_dir"
-    )
-
-
-def _prepare_runtime_dir(sup: Supervisor, control_path: Path) -> None:
-    """Create the runtime dir, or refuse one that another user could tamper with."""
-    problem = notify_dir_ok(sup.notify_dir)
-    if problem is None and len(os.fsencode(str(control_path))) > 107:
-        problem = (
-            f"the control socket path {control_path} is longer than unix(7) allows (107 bytes)"
-        )
-    if problem is not None:
-        raise ListenerError(f"supervisor.runtime_dir: {problem}")
-    try:
-        sup.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        info = os.stat(sup.runtime_dir)
-        if info.st_uid != os.getuid() or info.st_mode & 0o022:
-            raise ListenerError(
-                f"supervisor.runtime_dir: {sup.runtime_dir} is owned by uid {info.st_uid} or "
-                f"writable by others (mode {info.st_mode & 0o777:o}); handoffd keeps its control "
-                "socket there, so it must be ours and not group- or world-writable"
-            )
-        sup.notify_dir.mkdir(exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise ListenerError(
-            f"supervisor.runtime_dir: cannot create {sup.runtime_dir}: {exc.strerror}; run as a "
-            "user who may, or set runtime_dir to a directory you own"
-        ) from exc
-
-
-def _unlink_if_ours(path: Path | None, inode: int | None) -> None:
-    """Remove the control socket unless a successor supervisor has already replaced it."""
-    try:
-        if path is not None and inode is not None and os.stat(path).st_ino == inode:
-            path.unlink()
-    except OSError:
-        pass

@@ -1,11 +1,23 @@
-"""What ``handoffd status`` and systemd's STATUS= say about a supervisor."""
+"""What ``handoffd status`` and systemd's STATUS= say about a supervisor.
+
+``serving`` tells the truth for health checks: the current generation serves only when every
+worker slot is ready with a live process and, in the observed readiness modes, each worker's
+tree still holds a listener (a snapshot cannot tell a busy sync worker from an idle one, so
+"not in accept right now" never counts as not serving). A slot in backoff, a crash loop, a
+restart still starting: not serving, with the reason.
+
+The trees and their RSS are read from ``/proc`` on each request (a status is rare; a few
+``/proc`` reads per process).
+"""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
-from ._control import ListenerInfo, StatusInfo, WorkerInfo
+from ._control import GenerationInfo, ListenerInfo, StatusInfo, WorkerInfo
+from ._observe import walk_tree
+from ._platform import recorded
 from ._version import version
 
 if TYPE_CHECKING:
@@ -13,7 +25,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ._control import UpgradeReply
-    from ._generation import Generation
+    from ._generation import Generation, WorkerSlot
     from ._listeners import Listener
     from ._phases import Phase
 
@@ -47,6 +59,8 @@ def status_info(
     last_upgrade: UpgradeReply | None,
 ) -> StatusInfo:
     """The reply to a ``status`` request."""
+    serving, why = serving_now(current)
+    trees = {id(s): _tree(s) for g in generations for s in g.slots}
     return StatusInfo(
         pid=os.getpid(),
         version=version(),
@@ -64,6 +78,8 @@ def status_info(
                 status=s.status,
                 restarts=s.restarts,
                 last_exit=s.last_exit,
+                descendants=[p for p in trees[id(s)] if s.process is None or p != s.process.pid],
+                readiness=f"READY=1 (fallback: {s.fallback})" if s.fallback else None,
             )
             for g in generations
             for s in g.slots
@@ -75,4 +91,63 @@ def status_info(
         parked=[name for name, _ in parked],
         draining_generations=[g.number for g in generations if g is not current],
         last_upgrade=last_upgrade,
+        serving=serving,
+        not_serving=why,
+        generations=[
+            GenerationInfo(
+                number=g.number,
+                rss_kib=sum(_rss_kib(p) for s in g.slots for p in trees[id(s)]),
+                processes=sum(len(trees[id(s)]) for s in g.slots),
+            )
+            for g in generations
+        ],
+        degraded=[d.text() for d in recorded()],
     )
+
+
+_STATE_WORDS: Final = {
+    "backoff": "waiting to restart",
+    "starting": "still starting",
+    "exited": "not running",
+}
+
+
+def serving_now(current: Generation | None) -> tuple[bool, str | None]:
+    """Whether the current generation serves, and why not (see the module docstring)."""
+    if current is None:
+        return False, "no generation is serving yet"
+    for slot in current.slots:
+        what = f"worker {slot.index} of generation {current.number}"
+        if slot.state != "ready" or slot.process is None or slot.process.returncode is not None:
+            after = f" after it {slot.last_exit}" if slot.last_exit else ""
+            restarts = f" (restarted {slot.restarts} times)" if slot.restarts else ""
+            return False, f"{what} is {_STATE_WORDS.get(slot.state, slot.state)}{after}{restarts}"
+    if current.spec.program.observed:
+        for slot in current.slots:
+            if slot.accepting and slot.fallback is None:
+                check = current.probe(slot)
+                if check.verdict != "unobservable" and not check.holders:
+                    return False, (
+                        f"worker {slot.index} of generation {current.number} holds no listener: "
+                        f"{check.reason}"
+                    )
+    return True, None
+
+
+def _tree(slot: WorkerSlot) -> list[int]:
+    """The pids of the worker's tree (itself first while it lives)."""
+    if slot.process is None:
+        return []
+    return list(walk_tree(slot.process.group_roots()))
+
+
+def _rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB (proc(5) ``status``), 0 once it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

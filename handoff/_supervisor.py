@@ -6,11 +6,13 @@ One upgrade at a time walks the phase table of ``_phases``::
     any failure before the hold ends -> running                    (N+1 stopped, N serves)
     running -> self-upgrading -> handed-over | running             (see ``_handover``)
 
-The supervisor decides; effects report back: ``_generation_set`` starts a generation (raising
-``SpawnError`` with the reason it cannot serve), ``_handover.hand_over`` runs a self-upgrade and
-returns its outcome, ``_held`` plans, commits or rolls back the listeners, and ``_tickets`` owns
-the callers' requests (coalesced: a burst costs the running upgrade and one follow-up).
-Start-up wiring (control socket, pid file, signals, a successor's start) is ``_startup``.
+The hold (``program.hold`` seconds, the canary) has both generations serve; a worker of N+1 that
+exits or stops holding the listeners fails the upgrade, as a stop does. The supervisor decides;
+effects report back: ``_generation_set`` starts, holds and drains generations (raising
+``SpawnError`` with the reason one cannot serve), ``_handover.hand_over`` runs a self-upgrade,
+``_held`` plans, commits or rolls back the listeners, and ``_tickets`` owns the callers'
+requests (coalesced: a burst costs the running upgrade and one follow-up). Start-up wiring
+(control socket, pid file, signals, a successor's start) is ``_startup``.
 
 Design notes:
 - The upgrade boundary is the one place that catches ``Exception``: whatever goes wrong while
@@ -24,6 +26,7 @@ Design notes:
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import TYPE_CHECKING, Final, final
 
@@ -37,9 +40,13 @@ from ._errors import HandoffError, SpawnError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
+from ._limits import worker_fd_limit
 from ._memory import release_after_upgrade
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
+from ._readiness import probe_proc
+from ._reconfigure import apply_changes, refuse_unappliable
+from ._rolling import bring_up
 from ._spawn import DEFAULT_SPAWNER
 from ._status import status_info, status_text
 from ._systemd import SystemdNotifier, monotonic_usec
@@ -56,6 +63,7 @@ if TYPE_CHECKING:
     from ._held import ListenerPlan
     from ._listeners import Listener
     from ._processes import Spawner
+    from ._readiness import ReadinessProbe
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -69,7 +77,11 @@ class Supervisor(ControlHandler):
     """The running daemon's state; see the module docstring for the state machine."""
 
     def __init__(
-        self, loaded: LoadedConfig, environ: Mapping[str, str], spawner: Spawner = DEFAULT_SPAWNER
+        self,
+        loaded: LoadedConfig,
+        environ: Mapping[str, str],
+        spawner: Spawner = DEFAULT_SPAWNER,
+        probe: ReadinessProbe = probe_proc,
     ) -> None:
         self.loaded = loaded
         self.environ = dict(environ)
@@ -77,13 +89,14 @@ class Supervisor(ControlHandler):
         self.runtime_dir = resolve_runtime_dir(loaded.config.supervisor, environ)
         self.notify_dir = self.runtime_dir / "notify"
         self.held = HeldListeners(self.systemd)
-        self.parked = ParkedFds()
+        self.parked = ParkedFds(worker_fd_limit(environ))
         self.gens = GenerationSet(
             parked=self.parked,
             notify_dir=self.notify_dir,
             environ=environ,
             spawner=spawner,
             on_drained=lambda: self.systemd.status(self.status_text()),
+            probe=probe,
         )
         self.machine = PhaseMachine()
         self.queue = UpgradeQueue()
@@ -94,6 +107,8 @@ class Supervisor(ControlHandler):
         self.upgrade_done: trio.Event | None = None
         self.stop_requested = trio.Event()
         self.control_path: Path | None = None
+        # Who may use the control socket (the server reads it per connection).
+        self.allowed_uids = {0, os.getuid(), *loaded.config.supervisor.allowed_uids}
         self.control_inode: int | None = None
         self._root: trio.Nursery | None = None
 
@@ -106,12 +121,6 @@ class Supervisor(ControlHandler):
     def generations(self) -> list[Generation]:
         """The live generations: the current one first, then those still draining."""
         return self.gens.all()
-
-    def stop_grace(self) -> float:
-        """How long a stop waits for an upgrade in progress: its drain, or its handover."""
-        program = self.loaded.config.program
-        sup = self.loaded.config.supervisor
-        return max(program.drain_timeout, sup.self_upgrade_timeout) + SYSTEMD_SLACK_S
 
     def status_text(self) -> str:
         return status_text(self.machine.phase, self.current, self.gens.draining, self.last_upgrade)
@@ -140,21 +149,13 @@ class Supervisor(ControlHandler):
         if not self.stop_requested.is_set():
             log.info("supervisor.stopping")
         self.stop_requested.set()
-        if self.gens.starting is not None:
-            self.gens.starting.abort("handoffd is stopping")
+        self.gens.abort_new("handoffd is stopping")
 
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind; a stopping or handed-over
         supervisor answers at once."""
-        refusal: str | None = None
-        if self.successor_pid is not None:
-            refusal = (
-                f"this handoffd handed over to pid {self.successor_pid}; send the request again "
-                "(it reaches the new supervisor on the same control socket)"
-            )
-        elif self.stop_requested.is_set():
-            refusal = "handoffd is stopping"
-        return self.queue.request(request, refusal, self.gens.number())
+        stopping = self.stop_requested.is_set()
+        return self.queue.request(request, self.gens.number(), stopping, self.successor_pid)
 
     async def upgrade(
         self, request: UpgradeRequest, on_event: Callable[[UpgradeEvent], Awaitable[None]]
@@ -187,13 +188,15 @@ class Supervisor(ControlHandler):
             self.machine.to("running")
             task_status.started(True)
             async with trio.open_nursery() as upgrades:
-                upgrades.start_soon(self._run_upgrades)
+                upgrades.start_soon(self._run_upgrades, root)
                 await self.stop_requested.wait()
                 # An upgrade in progress ends first: stop() aborted its new generation, which
                 # is drained gracefully (cancelling it would SIGKILL workers that may hold
                 # connections). A self-upgrade may still complete.
+                program, supervisor = self.loaded.config.program, self.loaded.config.supervisor
+                grace = max(program.drain_timeout, supervisor.self_upgrade_timeout)
                 if self.upgrade_done is not None:
-                    with trio.move_on_after(self.stop_grace()):
+                    with trio.move_on_after(grace + SYSTEMD_SLACK_S):
                         await self.upgrade_done.wait()
                 upgrades.cancel_scope.cancel()
             self.queue.fail_all("handoffd is stopping", self.gens.number())
@@ -213,7 +216,7 @@ class Supervisor(ControlHandler):
             return False
         return True
 
-    async def _run_upgrades(self) -> None:
+    async def _run_upgrades(self, root: trio.Nursery) -> None:
         while True:
             ticket = await self.queue.next()
             if self.stop_requested.is_set():
@@ -221,6 +224,7 @@ class Supervisor(ControlHandler):
                 continue
             ticket.begin()
             self.upgrade_done = trio.Event()
+            root.start_soon(self.held.guard, self.upgrade_done)  # while N+1 starts and holds
             try:
                 if ticket.request.supervisor:
                     reply = await self._upgrade_supervisor(ticket)
@@ -248,19 +252,19 @@ class Supervisor(ControlHandler):
         """One worker upgrade; never raises for a failure of the new generation."""
         old = self.current
         plan: ListenerPlan | None = None
+        gen: Generation | None = None
         self.machine.to("spawning", generation=self.gens.next_number)
         self.systemd.reloading(monotonic_usec())
         with bound_contextvars(upgrade_generation=self.gens.next_number):
             log.info("upgrade.started", from_generation=old.number if old else None)
             try:
                 loaded = load_config(self.loaded.path)
+                refuse_unappliable(self.loaded.config.supervisor, loaded)
                 ticket.phase("config_loaded", str(loaded.path))
                 plan = self.held.plan(loaded)
                 processes = loaded.config.program.processes
                 ticket.phase("spawning", f"generation {self.gens.next_number}, {processes} workers")
-                gen = await self._start_generation(loaded, plan.wanted)
-                ticket.phase("ready", f"generation {gen.number} pids {gen.pids()}")
-                self.machine.to("holding", generation=gen.number)
+                gen = await self._start_generation(loaded, plan.wanted, ticket)
             except HandoffError as exc:
                 reason: str | None = str(exc)
             except Exception as exc:  # the upgrade boundary: N keeps serving whatever happened
@@ -268,21 +272,29 @@ class Supervisor(ControlHandler):
                 reason = f"internal error: {exc!r}"
             else:
                 reason = None
-            if reason is not None or plan is None:
+            if reason is not None or plan is None or gen is None:
                 if plan is not None:
                     self.held.roll_back(plan)
                 reply = ticket.failed(reason or "no listener plan", self.gens.number())
             else:
                 reply = self._promote(ticket, loaded, plan, gen)
             self.machine.to("running")
-            self._record_upgrade(reply)
+            self.last_upgrade = reply
+            log_finished(reply)
             self.systemd.ready(self.status_text())
         return reply
 
     def _promote(
         self, ticket: UpgradeTicket, loaded: LoadedConfig, plan: ListenerPlan, gen: Generation
     ) -> UpgradeReply:
-        """N+1 serves: make it current, drain N, commit the listener plan."""
+        """N+1 serves: make it current, drain N, commit the listener plan and [supervisor]."""
+        apply_changes(
+            self.loaded.config.supervisor,
+            loaded.config.supervisor,
+            allowed_uids=self.allowed_uids,
+            control_path=self.control_path,
+            runtime_dir=self.runtime_dir,
+        )
         self.loaded = loaded
         old = self.gens.promote(gen)
         if old is not None:
@@ -293,8 +305,7 @@ class Supervisor(ControlHandler):
         return ticket.ok(gen.number, old.number if old else None)
 
     async def _upgrade_supervisor(self, ticket: UpgradeTicket) -> UpgradeReply:
-        """One self-upgrade (see ``_handover``); never raises for a failure of the new one."""
-        # Imported on use: the handover's models cost ~1.5 MB the daemon need not carry.
+        """One self-upgrade (``_handover``, imported on use: ~1.5 MB); never raises for its failure."""
         from ._handover import hand_over
 
         gens = self.generations()
@@ -311,6 +322,7 @@ class Supervisor(ControlHandler):
                 systemd=self.systemd,
                 self_upgrade_timeout=self.loaded.config.supervisor.self_upgrade_timeout,
                 generation=self.gens.number(),
+                spawner=self.gens.spawner,
             )
         finally:
             if outcome is None or outcome.successor_pid is None:
@@ -324,13 +336,9 @@ class Supervisor(ControlHandler):
             reply = outcome.reply
         else:
             reply = ticket.failed(outcome.reason or "not handed over", self.gens.number())
-        self._record_upgrade(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
-        return reply
-
-    def _record_upgrade(self, reply: UpgradeReply, **extra: object) -> None:
-        """Keep the outcome for ``status`` and write the one canonical line per upgrade."""
         self.last_upgrade = reply
-        log_finished(reply, **extra)
+        log_finished(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
+        return reply
 
     def _view(self) -> SupervisorView:
         from ._handover import SupervisorView
@@ -362,17 +370,32 @@ class Supervisor(ControlHandler):
     # ---- generations ----
 
     async def _start_generation(
-        self, loaded: LoadedConfig, listeners: Mapping[str, Listener]
+        self,
+        loaded: LoadedConfig,
+        listeners: Mapping[str, Listener],
+        ticket: UpgradeTicket | None = None,
     ) -> Generation:
-        """Spawn the next generation and return it once ready; raises ``SpawnError`` if not."""
+        """Bring up the next generation (``_rolling``): ready, and through its hold if it is
+        an upgrade's; raises ``HandoffError`` with the reason if it cannot serve."""
         assert self._root is not None
-        program = loaded.config.program
+        config = loaded.config
+        program = config.program
+        self.systemd.extend_timeout(program.ready_timeout + program.hold + SYSTEMD_SLACK_S)
         # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
-        fdset = [(lc.name, listeners[lc.name]) for lc in loaded.config.listener]
-        ready_for = program.ready_timeout + SYSTEMD_SLACK_S
-        self.systemd.send(f"EXTEND_TIMEOUT_USEC={int(ready_for * 1e6)}")
-        return await self.gens.start(
-            self._root, program, loaded.config.supervisor, fdset, self._created
+        fdset = [(lc.name, listeners[lc.name]) for lc in config.listener]
+        if ticket is None:  # generation 1: nothing to hold against
+            return await self.gens.start(
+                self._root, program, config.supervisor, fdset, self._created
+            )
+        return await bring_up(
+            self.gens,
+            self._root,
+            loaded,
+            fdset,
+            on_created=self._created,
+            phase=ticket.phase,
+            to_phase=lambda phase: self.machine.to(phase),
+            stopping=self.stop_requested.is_set,
         )
 
     def _created(self, gen: Generation) -> None:
@@ -391,9 +414,7 @@ class Supervisor(ControlHandler):
             self.loaded.config.supervisor,
             self.held.by_name,
         )
-        if self.held.retired:
-            users = self.generations()
-            self._root.start_soon(self.held.forget_retired, sorted(self.held.retired), users)
+        self._root.start_soon(self.held.forget_retired, self.generations())
 
     async def _shutdown(self) -> None:
         self.machine.to("stopping")

@@ -1,86 +1,40 @@
-"""systemd's side of handoffd: LISTEN_FDS in, notify messages and the fd store out.
+"""systemd's side of handoffd: notify messages, the watchdog and the fd store out.
 
-Pure functions take ``environ`` so tests never touch ``os.environ`` (see sd_listen_fds(3),
-sd_notify(3)).
+LISTEN_FDS in is ``_listen_fds`` (standard library only, the workers read it too).
+
+Pure functions take ``environ`` so tests never touch ``os.environ`` (see sd_notify(3),
+sd_watchdog_enabled(3)).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 
-from ._notify import notify
+from ._sdnotify import notify
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-log: structlog.stdlib.BoundLogger = structlog.get_logger()
-
-# sd_listen_fds(3): passed fds start at 3 (SD_LISTEN_FDS_START).
-SD_LISTEN_FDS_START: Final = 3
+log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 #: Variables systemd sets for handoffd itself that must never reach a worker: a worker that saw
-#: NOTIFY_SOCKET could make systemd think the whole unit stops (STOPPING=1) or is ready too early.
+#: NOTIFY_SOCKET could make systemd think the whole unit stops (STOPPING=1) or is ready too early,
+#: and one that saw LISTEN_PIDFDID (systemd v256+, the inode of handoffd's own pidfd) would make
+#: a stock libsystemd ignore every fd handoffd passes (sd_listen_fds(3) checks it when set).
 SYSTEMD_PRIVATE_VARS: Final = (
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "LISTEN_PID",
+    "LISTEN_PIDFDID",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 )
-
-
-@final
-@dataclass(frozen=True)
-class InheritedFd:
-    """One fd passed by a service manager, with its name (``unknown`` if none was given)."""
-
-    fd: int
-    name: str
-
-
-def parse_listen_fds(environ: Mapping[str, str], pid: int) -> list[InheritedFd] | None:
-    """Read ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID`` the way sd_listen_fds(3) does.
-
-    Returns None when the variables are absent or meant for another process (``LISTEN_PID`` is
-    not ``pid``), and the fds with names otherwise. Names beyond ``LISTEN_FDNAMES`` are
-    ``unknown``, as in libsystemd.
-
-    Raises:
-        ValueError: when the variables are present for this pid but malformed.
-    """
-    if "LISTEN_FDS" not in environ:
-        return None
-    listen_pid = environ.get("LISTEN_PID")
-    if listen_pid is None:
-        # sd_listen_fds(3) takes fds only for the pid named: a stray LISTEN_FDS left in a shell
-        # must not make us adopt (or close) whatever fds 3.. happen to be.
-        return None
-    try:
-        if int(listen_pid) != pid:
-            return None
-    except ValueError:
-        raise ValueError(f"LISTEN_PID={listen_pid!r} is not a process id") from None
-    try:
-        count = int(environ["LISTEN_FDS"])
-    except ValueError:
-        raise ValueError(f"LISTEN_FDS={environ['LISTEN_FDS']!r} is not a number") from None
-    if count < 0:
-        raise ValueError(f"LISTEN_FDS={count} is negative")
-    names_value = environ.get("LISTEN_FDNAMES")
-    names = names_value.split(":") if names_value else []
-    return [
-        InheritedFd(
-            fd=SD_LISTEN_FDS_START + i, name=names[i] if i < len(names) and names[i] else "unknown"
-        )
-        for i in range(count)
-    ]
 
 
 @final

@@ -125,13 +125,25 @@ class UpgradeQueue:
         self._wanted = trio.Event()
 
     def request(
-        self, request: UpgradeRequest, refusal: str | None, generation: int
+        self,
+        request: UpgradeRequest,
+        generation: int,
+        stopping: bool = False,
+        successor_pid: int | None = None,
     ) -> UpgradeTicket:
         """Queue ``request`` (joining a pending one of its kind), or refuse it at once.
 
-        A self-upgrade naming another executable than the pending one is refused rather than
-        silently merged into it.
+        A stopping supervisor, one that handed over to ``successor_pid``, and a self-upgrade
+        naming another executable than the pending one refuse, rather than merge or queue.
         """
+        refusal: str | None = None
+        if successor_pid is not None:
+            refusal = (
+                f"this handoffd handed over to pid {successor_pid}; send the request again "
+                "(it reaches the new supervisor on the same control socket)"
+            )
+        elif stopping:
+            refusal = "handoffd is stopping"
         ticket = self._pending.get(request.supervisor)
         if refusal is None and ticket is not None and ticket.request.exec_path != request.exec_path:
             refusal = (
@@ -170,7 +182,9 @@ class UpgradeQueue:
 
 def log_finished(reply: UpgradeReply, **extra: object) -> None:
     """The one canonical line per upgrade: ``upgrade.finished outcome=... reason=...``."""
-    log.info(
+    # A failed upgrade is something an operator must see: N kept serving, the deploy did not land.
+    emit = log.info if reply.ok else log.warning
+    emit(
         "upgrade.finished",
         outcome=reply.outcome,
         reason=reply.reason,

@@ -27,31 +27,35 @@ Design notes:
 - Predicates (``is_tcp_listener`` and friends) follow sd_is_socket(3): they look at an fd without
   taking ownership, and never change its flags (O_NONBLOCK is shared by every holder of a
   listener, see DESIGN.md "Pitfalls").
+- Imports: standard library only, and what only one path needs is imported on that path
+  (``_passing`` for HANDOFF_FD, ``_launchd`` and its ctypes for launchd, ``ipaddress`` for
+  address matching), so that a worker that only notifies pays a bare interpreter's cost plus
+  little more (bench/worker_import.py; tests/unit/test_worker_wing.py checks what loads).
+  Records are ``NamedTuple``s: ``dataclasses`` loads ``inspect``, which costs more than all the
+  rest.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import os
 import socket
 import stat
 import sys
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol, final
+from typing import TYPE_CHECKING, Final, NamedTuple, Protocol, final
 
-from ._config import parse_address
-from ._errors import ListenerError, ProtocolError
-from ._launchd import launchd_sockets
-from ._notify import notify
-from ._passing import get_blocking
-from ._systemd import parse_listen_fds
+from ._address import parse_address
+from ._errors import ListenerError, ListenPidMismatchError, ProtocolError
+from ._fdname import FDNAME_RULE, valid_fdname
+from ._listen_fds import parse_listen_fds
+from ._platform import SOCK_CLOEXEC
+from ._sdnotify import notify
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
-    from ._config import Address
+    from ._address import Address
     from ._launchd import LaunchdLibrary
 
 #: How long ``listeners()`` waits for the set on ``HANDOFF_FD``. The supervisor Puts the set
@@ -66,13 +70,7 @@ _CONSUMED_VARS: Final = (
     "HANDOFF_FD",
     "HANDOFF_LISTENERS",
 )
-# sd_notify(3)/sd_pid_notify_with_fds: an FDNAME is at most 255 printable characters, no ':'.
-_FDNAME_MAX: Final = 255
 _BACKLOG: Final = socket.SOMAXCONN
-
-
-class ListenPidMismatchError(RuntimeError):
-    """``LISTEN_FDS`` was set for another process (Go's ``ErrPIDMismatch``)."""
 
 
 class _HasFileno(Protocol):
@@ -80,18 +78,19 @@ class _HasFileno(Protocol):
 
 
 @final
-@dataclass
-class _Inherited:
+class _Inherited(NamedTuple):
     """What this process was given, split into listeners and parked fds (raw, owned here)."""
 
-    listeners: list[tuple[str, int]] = field(default_factory=list)
-    parked: list[tuple[str, int]] = field(default_factory=list)
+    listeners: list[tuple[str, int]]
+    parked: list[tuple[str, int]]
 
 
 _inherited: _Inherited | None = None
 _listener_socks: dict[str, list[socket.socket]] | None = None
+# Parked fds are handed out once: the ones no caller has taken yet, and the sockets parked()
+# took (returned again on each call, since closing a socket object twice is harmless).
+_parked_pool: dict[str, list[int]] | None = None
 _parked_socks: dict[str, list[socket.socket]] | None = None
-_parked_raw: dict[str, list[int]] | None = None
 
 
 def _socket_for(fd: int) -> socket.socket:
@@ -131,6 +130,8 @@ def _load(environ: Mapping[str, str]) -> _Inherited:
                 f"HANDOFF_FD={environ['HANDOFF_FD']!r} is not an open socket of this process "
                 f"({exc}); start this program from handoffd, or unset HANDOFF_FD"
             ) from exc
+        from ._passing import get_blocking  # see "Imports" in the module notes
+
         # The channel has done its job once the set is here: close it, so that the supervisor
         # sees end-of-file (the set was taken) and no child inherits it.
         with channel:
@@ -200,7 +201,12 @@ def listeners(environ: Mapping[str, str] | None = None) -> dict[str, list[socket
 
 
 def get_listeners(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
-    """Another name for ``listeners()``, the one issue 3 and the scm_rights docs use."""
+    """``listeners()`` under the name of the counterpart of ``get()``: the same cached dict.
+
+    The Put/Get design (``fd_delivery = "scm_rights"``) names the worker's side of the handoff
+    ``handoff.get_listeners()``: the supervisor ``put``s the set, the worker gets its listeners.
+    Both names stay; ``listeners()`` is the one the examples use.
+    """
     return listeners(environ)
 
 
@@ -220,6 +226,8 @@ def one_listener(name: str, *, launchd: LaunchdLibrary | None = None) -> socket.
     given = listeners()
     socks = given.get(name, [])
     if not socks:
+        from ._launchd import launchd_sockets  # see "Imports" in the module notes
+
         found = launchd_sockets([name], library=launchd)
         if found:
             # launchd hands a name out once per process: keep them with the others.
@@ -257,14 +265,14 @@ def _find_inherited(address: Address) -> socket.socket | None:
 def _bind(address: Address) -> socket.socket:
     if address.is_unix:
         kind = socket.SOCK_STREAM if address.kind == "unix" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, kind | SOCK_CLOEXEC)
         target: str | bytes | tuple[str, int] = (
             b"\0" + os.fsencode(address.path[1:]) if address.is_abstract else address.path
         )
     else:
         kind = socket.SOCK_STREAM if address.kind == "tcp" else socket.SOCK_DGRAM
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, kind | SOCK_CLOEXEC)
         target = (address.host, address.port)
     try:
         if address.kind == "tcp":
@@ -408,19 +416,13 @@ def has_reuseport(fd: int | _HasFileno) -> bool:
 def _inet_matches(sock: socket.socket, addr: str | None, kind: str) -> bool:
     if addr is None:
         return True
+    from ._match import inet_matches  # ipaddress: see "Imports" in the module notes
+
     try:
         want = parse_address(addr if kind == "tcp" else f"udp://{addr.removeprefix('udp://')}")
     except ValueError:
         return False
-    host, port = sock.getsockname()[:2]
-    if want.port != port:
-        return False
-    want_ip = ipaddress.ip_address(want.host.split("%")[0])
-    have_ip = ipaddress.ip_address(str(host).split("%")[0])
-    if want_ip.is_unspecified:
-        return have_ip.is_unspecified
-    mapped = getattr(have_ip, "ipv4_mapped", None)
-    return have_ip == want_ip or mapped == want_ip
+    return inet_matches(sock, want.host, want.port)
 
 
 def is_tcp_listener(fd: int | _HasFileno, addr: str | None = None) -> bool:
@@ -450,12 +452,9 @@ def is_udp(fd: int | _HasFileno, addr: str | None = None) -> bool:
 
 
 def _unix_path_matches(sock: socket.socket, path: str | None) -> bool:
-    if path is None:
-        return True
-    name: str | bytes = sock.getsockname()
-    if isinstance(name, bytes):
-        name = "@" + os.fsdecode(name[1:]) if name.startswith(b"\0") else os.fsdecode(name)
-    return name == path
+    from ._match import unix_matches
+
+    return path is None or unix_matches(sock, path)
 
 
 def is_unix_listener(fd: int | _HasFileno, path: str | None = None) -> bool:
@@ -550,10 +549,10 @@ def watchdog() -> bool:
 
 
 def _check_fdname(name: str) -> None:
-    if not name or len(name) > _FDNAME_MAX or ":" in name or not name.isprintable():
+    reason = valid_fdname(name)
+    if reason is not None:
         raise ValueError(
-            f"fd name {name!r} is not valid: use 1 to {_FDNAME_MAX} printable characters "
-            "without ':' (sd_pid_notify_with_fds(3))"
+            f"fd name {name!r} is not valid: {reason}; use {FDNAME_RULE} (sd_pid_notify_with_fds(3))"
         )
 
 
@@ -589,18 +588,23 @@ def unpark(name: str) -> bool:
 
 
 def parked_fds(environ: Mapping[str, str] | None = None) -> dict[str, list[int]]:
-    """The raw fds the previous generation parked, by name; the caller owns them.
+    """The raw fds the previous generation parked, by name; the caller owns them and closes them.
 
-    Use this instead of ``parked()`` for fds that are not sockets (pipes, memfds). Call one of
-    the two: both hand out the same fds.
+    Use this instead of ``parked()`` for fds that are not sockets (pipes, memfds). Each parked fd
+    is handed out once, as a socket by ``parked()`` or as a number here: this returns the names
+    ``parked()`` did not take, once. A later call returns ``{}``, since two owners of one fd
+    number would both close it (the second close may hit an unrelated file that reused the
+    number).
+
+    Example::
+
+        for name, fds in handoff.parked_fds().items():
+            state = os.read(fds[0], 4096)   # a memfd of state parked with the connection
     """
-    global _parked_raw
-    if _parked_raw is None:
-        result: dict[str, list[int]] = {}
-        for name, fd in _inherited_now(environ).parked:
-            result.setdefault(name, []).append(fd)
-        _parked_raw = result
-    return _parked_raw
+    global _parked_pool
+    pool = _parked_untaken(environ)
+    _parked_pool = {}
+    return pool
 
 
 def parked(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.socket]]:
@@ -614,13 +618,29 @@ def parked(environ: Mapping[str, str] | None = None) -> dict[str, list[socket.so
 
     Only sockets are returned: a name parked with other kinds of fds too (a memfd of state, a
     pipe) is left to ``parked_fds()``, so that a program that does not know those never breaks.
+    The first call takes those sockets; every call returns the same socket objects (closing one
+    twice is harmless), and ``parked_fds()`` no longer hands out their fds. After
+    ``parked_fds()``, this returns ``{}``.
     """
-    global _parked_socks
+    global _parked_socks, _parked_pool
     if _parked_socks is None:
-        raw = parked_fds(environ)
-        _parked_socks = {
-            name: [_socket_for(fd) for fd in fds]
-            for name, fds in raw.items()
+        pool = _parked_untaken(environ)
+        taken = {
+            name
+            for name, fds in pool.items()
             if all(stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in fds)
         }
+        _parked_socks = {name: [_socket_for(fd) for fd in pool[name]] for name in taken}
+        _parked_pool = {name: fds for name, fds in pool.items() if name not in taken}
     return _parked_socks
+
+
+def _parked_untaken(environ: Mapping[str, str] | None) -> dict[str, list[int]]:
+    """The parked fds neither ``parked()`` nor ``parked_fds()`` has handed out yet."""
+    global _parked_pool
+    if _parked_pool is None:
+        pool: dict[str, list[int]] = {}
+        for name, fd in _inherited_now(environ).parked:
+            pool.setdefault(name, []).append(fd)
+        _parked_pool = pool
+    return _parked_pool

@@ -33,11 +33,19 @@ def run_daemon(no_fd_leak: None) -> Iterator[Callable[..., Daemon]]:
     """Start handoffd on a generated config; stop it and check no worker is left behind."""
     started: list[tuple[Daemon, Path]] = []
 
-    def start(env: dict[str, str] | None = None, **config: Any) -> Daemon:
-        base = short_tempdir()
+    def start(
+        env: dict[str, str] | None = None,
+        *,
+        wrap: list[str] | None = None,
+        base: Path | None = None,
+        **config: Any,
+    ) -> Daemon:
+        """``wrap`` is a command handoffd is started under (it must exec it); ``base`` a
+        directory for its config and runtime dir, removed at the end (a fresh one by default)."""
+        base = base or short_tempdir()
         cfg = base / "handoffd.toml"
         write_config(cfg, base / "run", **config)
-        daemon = Daemon(cfg, base / "run", env=env)
+        daemon = Daemon(cfg, base / "run", env=env, wrap=wrap)
         started.append((daemon, base))
         daemon.wait_ready()
         return daemon

@@ -36,9 +36,10 @@ def write_config(
     processes: int = 2,
     ready: str | None = "notify",
     ready_timeout: float = 10,
+    hold: float | None = 0,
     drain_timeout: float = 10,
     env: dict[str, str] | None = None,
-    listeners: list[tuple[str, str]] | None = None,
+    listeners: list[tuple[str, str]] | list[tuple[str, str, str]] | None = None,
     extra_program: str = "",
     extra_supervisor: str = "",
 ) -> None:
@@ -50,8 +51,8 @@ def write_config(
         "restart_backoff_max = 1.0",
         extra_supervisor,
     ]
-    for name, address in listeners:
-        lines += ["[[listener]]", f'name = "{name}"', f'address = "{address}"']
+    for name, address, *extra in listeners:  # extra: more TOML lines for the listener
+        lines += ["[[listener]]", f'name = "{name}"', f'address = "{address}"', *extra]
     lines += [
         "[program]",
         f"command = {json.dumps(command or worker_command())}",
@@ -59,6 +60,9 @@ def write_config(
         # None leaves the key out: the daemon's default readiness.
         *([] if ready is None else [f'ready = "{ready}"']),
         f"ready_timeout = {ready_timeout}",
+        # The tests written before the canary hold keep their speed and meaning: hold = 0 unless
+        # a test asks for one (None: the default hold).
+        "" if hold is None else f"hold = {hold}",
         f"drain_timeout = {drain_timeout}",
         extra_program,
     ]

@@ -4,6 +4,10 @@
 a ``FakeProcess`` the test drives. A fake worker speaks the real sd_notify protocol to the real
 notify socket the generation bound (``notify("READY=1")``), so everything above the seam is the
 production code. Run these on trio's ``autojump_clock``: timeouts and backoffs pass instantly.
+
+Observed readiness: ``FakeSpawner.probe`` is a ``_readiness.ReadinessProbe`` that reports a fake
+process as accepting while its ``accepting`` flag is set (``holds`` says whether it still holds a
+listener); ``unobservable`` makes every tree unobservable, as on a host without ``/proc``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 import trio
 
 from handoff._errors import SpawnError
+from handoff._readiness import TreeCheck
 
 _pids = itertools.count(900_001)
 
@@ -37,6 +42,9 @@ class FakeProcess:
     exits_on: frozenset[int] = frozenset({signal.SIGTERM})
     signals: list[int] = field(default_factory=list)
     started_at: float = field(default_factory=trio.current_time)
+    #: What the fake probe sees: waiting on a listener, holding one.
+    accepting: bool = False
+    holds: bool = True
     _exited: trio.Event = field(default_factory=trio.Event)
     _signal_send: trio.MemorySendChannel[int] | None = None
     _signal_receive: trio.MemoryReceiveChannel[int] | None = None
@@ -70,6 +78,16 @@ class FakeProcess:
     def close(self) -> None:
         pass
 
+    def signal_group(self, sig: int) -> None:
+        # A fake has no group members: its group is itself.
+        self.send_signal(sig)
+
+    def group_roots(self) -> list[int]:
+        return [self.pid] if self.returncode is None else []
+
+    async def wait_group_exited(self) -> None:
+        await trio.lowlevel.checkpoint()
+
     def exit(self, code: int) -> None:
         """The process ends with ``code`` (``-N``: killed by signal N)."""
         if self.returncode is None:
@@ -99,8 +117,11 @@ class FakeSpawner:
     """A ``Spawner`` whose processes are ``FakeProcess``es; ``behaviour`` runs on each spawn."""
 
     behaviour: Behaviour = ready_at_once
+    handover_refusal: str | None = None
     processes: list[FakeProcess] = field(default_factory=list)
     fail_with: str | None = None
+    #: Set: every tree is unobservable with this reason (a host where /proc shows nothing).
+    unobservable: str | None = None
     _spawns: tuple[trio.MemorySendChannel[FakeProcess], trio.MemoryReceiveChannel[FakeProcess]] = (
         field(default_factory=lambda: trio.open_memory_channel[FakeProcess](10_000))
     )
@@ -126,6 +147,19 @@ class FakeSpawner:
     async def next_spawn(self) -> FakeProcess:
         """The next process spawned (in order; none is missed)."""
         return await self._spawns[1].receive()
+
+    def probe(
+        self, roots: Sequence[int], keys: Mapping[int, object], remembered: frozenset[int]
+    ) -> TreeCheck:
+        """A ``ReadinessProbe`` over the fake processes (see the module docstring)."""
+        if self.unobservable is not None:
+            return TreeCheck("unobservable", self.unobservable)
+        procs = [p for p in self.processes if p.pid in roots and p.returncode is None]
+        holders = frozenset(p.pid for p in procs if p.holds)
+        waiters = frozenset(p.pid for p in procs if p.holds and p.accepting)
+        if holders and waiters == holders:
+            return TreeCheck("accepting", "fake accepting", holders, waiters, waiting_now=True)
+        return TreeCheck("not-accepting", "fake not accepting", holders, waiters)
 
     def adopt(self, pid: int, pidfd: int | None = None) -> FakeProcess:
         raise AssertionError("the fakes do not adopt processes")

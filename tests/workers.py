@@ -5,15 +5,20 @@ written by someone else would (no handoff library).
 
 Modes:
 - ``serve`` (default): HTTP on every passed stream socket, READY=1, drains on SIGTERM.
-- ``exit``: exits 1 at once (a broken new version).
+- ``exit``: exits 1 at once (a broken new version); ``WORKER_EXIT_INDEX=N`` makes only worker
+  N of a generation do so.
 - ``never_ready``: serves but never sends READY=1.
 - ``ignore_term``: serves, but ignores SIGTERM (must be SIGKILLed after drain_timeout).
+- ``shutdown_on_term``: serves; when told to drain, calls shutdown(SHUT_RDWR) on its inherited
+  listeners before closing them (which stops them listening for every holder: a common way to
+  "stop accepting" that is wrong for a shared socket).
 - ``strict``: first checks exactly what libsystemd's sd_listen_fds(3) checks, and exits 3 with
   the reason on stderr if anything is off; then serves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -65,7 +70,7 @@ def sd_listen_fds_strict() -> list[int]:
     return list(range(3, 3 + n))
 
 
-def serve(fds: list[int], ignore_term: bool, announce: bool) -> None:
+def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = False) -> None:
     gen = os.environ.get("HANDOFF_GENERATION", "0")
     pid = os.getpid()
     body = f"generation {gen} pid {pid}\n".encode()
@@ -98,6 +103,9 @@ def serve(fds: list[int], ignore_term: bool, announce: bool) -> None:
         if draining and listeners:
             for s in listeners:
                 sel.unregister(s)
+                if shutdown:
+                    with contextlib.suppress(OSError):  # ENOTCONN: another worker did it first
+                        s.shutdown(socket.SHUT_RDWR)
                 s.close()
             listeners = []
         if draining and not buffers:
@@ -151,6 +159,8 @@ def serve(fds: list[int], ignore_term: bool, announce: bool) -> None:
 
 def main() -> None:
     mode = os.environ.get("WORKER_MODE", "serve")
+    if os.environ.get("WORKER_EXIT_INDEX") == os.environ.get("HANDOFF_WORKER", "-"):
+        mode = "exit"  # only this worker of the generation is broken
     if mode == "exit":
         print("test worker: failing on purpose", file=sys.stderr)
         sys.exit(1)
@@ -158,7 +168,12 @@ def main() -> None:
         fds = sd_listen_fds_strict()
     else:
         fds = list(range(3, 3 + int(os.environ.get("LISTEN_FDS", "0"))))
-    serve(fds, ignore_term=mode == "ignore_term", announce=mode != "never_ready")
+    serve(
+        fds,
+        ignore_term=mode == "ignore_term",
+        announce=mode != "never_ready",
+        shutdown=mode == "shutdown_on_term",
+    )
 
 
 if __name__ == "__main__":

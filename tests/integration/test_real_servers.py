@@ -77,12 +77,13 @@ RUN_MARK = uuid.uuid4().hex
 
 
 def config(command: list[str], version: int, **extra_env: str) -> dict[str, Any]:
-    """The config of one generation: default readiness and hold (``ready`` left out)."""
+    """The config of one generation: default readiness and hold (``ready``, ``hold`` left out)."""
     env = {**commands.APP_ENV, MARK: RUN_MARK, "APP_VERSION": str(version), **extra_env}
     return {
         "command": command,
         "processes": 1,
         "ready": None,
+        "hold": None,
         "ready_timeout": 10,
         "drain_timeout": 10,
         "env": env,

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from handoff._notify import NotifyReceiver, notify, parse_notify
+from handoff._notify import NotifyReceiver, parse_notify
+from handoff._sdnotify import notify
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -80,7 +81,7 @@ async def _wait_listening(process: trio.Process) -> bool:
 
 LISTEN_CHILD = """
 import json, os, handoff
-from handoff._systemd import parse_listen_fds
+from handoff._listen_fds import parse_listen_fds
 
 names = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
 parsed = [[item.fd, item.name] for item in parse_listen_fds(os.environ, os.getpid())]

@@ -146,6 +146,13 @@ def run_shell_child(fds: list[int], port: int) -> dict[str, object]:
         handoff.parked()["conn"][0].sendall(b"from the next generation")
         """
     )
+    return run_listen_fds_child(fds, ["http", "admin", "conn"], 2, code)
+
+
+def run_listen_fds_child(
+    fds: list[int], names: list[str], listeners: int, code: str
+) -> dict[str, object]:
+    """Run ``code`` with ``fds`` at 3.. as LISTEN_FDS, the first ``listeners`` of them listeners."""
     # The shell puts the fds at 3.. and sets LISTEN_PID to its own pid, which exec keeps.
     assert min(fds) > 5, "the redirections below would overwrite a source fd"
     moves = " ".join(f"{3 + i}<&{fd}" for i, fd in enumerate(fds))
@@ -156,9 +163,9 @@ def run_shell_child(fds: list[int], port: int) -> dict[str, object]:
         env={
             "PATH": os.environ["PATH"],
             "PYTHONPATH": ROOT,
-            "LISTEN_FDS": "3",
-            "LISTEN_FDNAMES": "http:admin:conn",
-            "HANDOFF_LISTENERS": "2",
+            "LISTEN_FDS": str(len(fds)),
+            "LISTEN_FDNAMES": ":".join(names),
+            "HANDOFF_LISTENERS": str(listeners),
         },
         pass_fds=fds,
         capture_output=True,
@@ -167,6 +174,55 @@ def run_shell_child(fds: list[int], port: int) -> dict[str, object]:
     )
     assert proc.returncode == 0, proc.stderr.decode()
     return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+
+# A child that takes the parked fds in the order given by ``calls`` and reports, for each call,
+# the names and fd numbers it was handed (sockets as their fileno()).
+PARKED_CHILD = """
+import json, handoff
+def numbers(got):
+    return {n: [f if isinstance(f, int) else f.fileno() for f in fds] for n, fds in got.items()}
+calls = CALLS
+print(json.dumps([numbers(getattr(handoff, call)()) for call in calls]))
+"""
+
+
+@pytest.mark.parametrize(
+    ("calls", "expected"),
+    [
+        (
+            ["parked", "parked_fds", "parked", "parked_fds"],
+            [{"conn": [3]}, {"state": [4]}, {"conn": [3]}, {}],
+        ),
+        (["parked_fds", "parked", "parked_fds"], [{"conn": [3], "state": [4]}, {}, {}]),
+    ],
+)
+def test_parked_fds_are_handed_out_once(calls: list[str], expected: list[object]) -> None:
+    before = open_fds()
+    conn_a, conn_b = socket.socketpair()
+    r, w = os.pipe()
+    os.close(w)
+    with conn_a, conn_b:
+        out = run_listen_fds_child(
+            [conn_a.fileno(), r], ["conn", "state"], 0, PARKED_CHILD.replace("CALLS", repr(calls))
+        )
+    os.close(r)
+    assert out == expected
+    assert open_fds() == before
+
+
+def test_get_listeners_is_listeners_under_the_put_get_name() -> None:
+    before = open_fds()
+    http = socket.create_server(("127.0.0.1", 0))
+    code = """
+import json, handoff
+got = handoff.get_listeners()
+print(json.dumps({"same": got is handoff.listeners(), "names": sorted(got)}))
+"""
+    with http:
+        out = run_listen_fds_child([http.fileno()], ["http"], 1, code)
+    assert out == {"same": True, "names": ["http"]}
+    assert open_fds() == before
 
 
 def test_scm_rights_delivery_on_handoff_fd() -> None:

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from handoff._config import find_control_socket, load_config, parse_address, parse_signal
+from handoff._address import parse_address
+from handoff._config import find_control_socket, load_config, parse_signal
 from handoff._errors import ConfigError
 
 if TYPE_CHECKING:

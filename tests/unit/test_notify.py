@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from handoff._notify import notify, notify_address, parse_notify
-from handoff._systemd import InheritedFd, clean_worker_environ, parse_listen_fds
+from handoff._listen_fds import InheritedFd, parse_listen_fds
+from handoff._notify import parse_notify
+from handoff._sdnotify import notify, notify_address
+from handoff._systemd import clean_worker_environ
 
 
 def test_parse_notify_reads_assignments_and_ignores_junk() -> None:
@@ -43,7 +45,11 @@ def test_workers_never_see_systemds_variables_for_handoffd() -> None:
     env = {
         "NOTIFY_SOCKET": "/run/systemd/notify",
         "WATCHDOG_USEC": "1",
+        "WATCHDOG_PID": "7",
         "LISTEN_FDS": "1",
+        "LISTEN_FDNAMES": "http",
+        "LISTEN_PID": "7",
+        "LISTEN_PIDFDID": "4242",  # systemd v256+
         "PATH": "/bin",
     }
     assert clean_worker_environ(env) == {"PATH": "/bin"}

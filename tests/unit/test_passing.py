@@ -7,10 +7,12 @@ import fcntl
 import json
 import os
 import socket
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Literal
 
 import pytest
 import trio
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from handoff import ProtocolError, Received, get, get_blocking, put, put_blocking
 from handoff._passing import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
@@ -240,10 +242,11 @@ def test_put_refuses_a_payload_that_is_not_json(pair, pipes) -> None:
     assert raw_messages(b) == [], "nothing may be sent when the payload is bad"
 
 
-def test_put_refuses_a_payload_larger_than_a_message(pair, pipes) -> None:
+def test_put_refuses_an_fd_name_longer_than_a_message(pair, pipes) -> None:
+    # A payload larger than a message travels in parts (below); one name cannot be split.
     a, b = pair
     with pytest.raises(ValueError, match="over MAX_MESSAGE_BYTES"):
-        put_blocking(a, pipes[:1], {"blob": "x" * MAX_MESSAGE_BYTES})
+        put_blocking(a, [("x" * MAX_MESSAGE_BYTES, pipes[0][1])])
     assert raw_messages(b) == []
 
 
@@ -284,17 +287,66 @@ CHUNK_CASES = [
 ]
 
 
+# Chunks the long way must judge as the pydantic model would: other types, missing and extra
+# fields, payloads, other top-level values.
+DECODE_CASES = [
+    *CHUNK_CASES,
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[],"payload":{"a":[1,2.5,"x",null,true]}}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[],"payload":{"x":NaN}}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[],"payload":{"x":1},"payload":{"y":2}}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[],"payload":null}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[],"payload":[1]}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[],"payload":"x"}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":["\\u00e9\\ud83d\\ude00"]}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":["\\ud800"]}',
+    b'{"v":1.0,"op":"put","seq":0,"more":false,"names":[]}',
+    b'{"v":true,"op":"put","seq":0,"more":false,"names":[]}',
+    b'{"v":"1","op":"put","seq":0,"more":false,"names":[]}',
+    b'{"op":"put","seq":0,"more":false,"names":[]}',
+    b'{"v":1,"op":"put","seq":0,"more":0,"names":[]}',
+    b'{"v":1,"op":"put","seq":true,"more":false,"names":[]}',
+    b'{"v":1,"op":"put","seq":1.0,"more":false,"names":[]}',
+    b'{"v":1,"op":"get","seq":-1,"more":false,"names":[1, 2],"x":1}',
+    b'{"v":1}',
+    b"[1]",
+    b'"text"',
+    b"",
+    b'\xef\xbb\xbf{"v":1,"op":"put","seq":0,"more":false,"names":[]}',
+    b'{"v":1,"op":"put","seq":0,"more":false,"names":[]}\x00',
+]
+
+
+class ReferenceChunk(BaseModel):
+    """The wire format as the daemon's pydantic models would state it (the module notes).
+
+    ``_passing`` checks chunks in plain Python (workers do not load pydantic); this model is the
+    reference it is held to.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    v: int
+    op: Literal["put"]
+    seq: int = Field(ge=0)
+    names: list[str]
+    more: bool
+    payload: dict[str, JsonValue] | None = None
+
+
+def reference(data: bytes) -> ReferenceChunk | ValidationError:
+    try:
+        return ReferenceChunk.model_validate_json(data)
+    except ValidationError as exc:
+        return exc
+
+
 @pytest.mark.parametrize("data", CHUNK_CASES)
 def test_the_fast_chunk_check_accepts_only_what_pydantic_accepts_and_agrees(data: bytes) -> None:
-    from pydantic import ValidationError
-
-    from handoff._passing import _FdChunk, _parse_canonical
+    from handoff._passing import _parse_canonical
 
     fast = _parse_canonical(data)
-    try:
-        model: _FdChunk | None = _FdChunk.model_validate_json(data)
-    except ValidationError:
-        model = None
+    checked = reference(data)
+    model = None if isinstance(checked, ValidationError) else checked
     if data in CHUNK_CASES[:4]:
         assert fast is not None, "a chunk in our canonical form must take the fast path"
     if fast is not None:
@@ -304,11 +356,65 @@ def test_the_fast_chunk_check_accepts_only_what_pydantic_accepts_and_agrees(data
         assert fast == (model.seq, model.more, model.names)
 
 
+@pytest.mark.parametrize("data", DECODE_CASES)
+def test_the_plain_chunk_check_judges_as_the_pydantic_model_does(data: bytes) -> None:
+    from handoff._passing import _Chunk, _decode_chunk
+
+    plain = _decode_chunk(data, 0)
+    checked = reference(data)
+    if not isinstance(checked, ValidationError) and checked.v == PROTOCOL_VERSION:
+        assert isinstance(plain, _Chunk), plain
+        # NaN != NaN: compare the JSON text.
+        assert json.dumps([plain.seq, plain.more, plain.names, plain.payload]) == json.dumps(
+            [checked.seq, checked.more, checked.names, checked.payload]
+        )
+        return
+    assert isinstance(plain, str), "the plain check accepted what pydantic refuses"
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        assert "is not a JSON object" in plain
+        return
+    if isinstance(obj, dict) and obj.get("v") != PROTOCOL_VERSION:
+        assert f"speaks protocol version {obj.get('v')!r}, this end speaks 1" in plain
+    elif isinstance(checked, ValidationError) and "Invalid JSON" not in str(checked):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
+            for err in checked.errors(include_url=False)[:3]
+        )
+        assert plain == f"message 0 is malformed ({problems})"
+    else:
+        assert "is not a JSON object" in plain
+
+
 def test_the_fast_chunk_check_takes_every_chunk_our_put_writes(pair, pipes) -> None:
-    from handoff._passing import _messages, _parse_canonical
+    from handoff._passing import _parse_canonical, encode_messages
 
     named = [(f"listener-{i}.é", fd) for i, (_, fd) in enumerate(pipes)]
-    messages = list(_messages(named, {"listeners": 3}))
+    messages = list(encode_messages(named, {"listeners": 3}))
     assert len(messages) == 2
-    assert _parse_canonical(messages[0][0]) is None, "the payload chunk goes through pydantic"
+    assert _parse_canonical(messages[0][0]) is None, "the payload chunk takes the long way"
     assert _parse_canonical(messages[1][0]) == (1, False, [n for n, _ in named[253:]])
+
+
+@pytest.mark.parametrize("size", [200_000, 1_000_000])
+def test_a_payload_larger_than_one_message_travels_in_parts_with_the_fds(size: int) -> None:
+    """A self-upgrade's state with thousands of parked fds exceeds MAX_MESSAGE_BYTES."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    payload = {
+        "parked": [{"name": f'conn-{i}-é\\"', "fd": f"parked:{i}"} for i in range(size // 40)]
+    }
+    try:
+        sender = threading.Thread(target=put_blocking, args=(a, [("x", r)] * 300, payload))
+        sender.start()
+        received = get_blocking(b, timeout=30)
+        sender.join()
+        assert received.payload == payload
+        assert received.names == ["x"] * 300
+        received.close()
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)

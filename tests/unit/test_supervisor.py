@@ -7,6 +7,7 @@ interleaving here is deterministic.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import tempfile
@@ -34,11 +35,11 @@ def base():
 
 
 async def start(nursery: trio.Nursery, base: Path, spawner: FakeSpawner, **config) -> Supervisor:
-    """A supervisor serving generation 1 of fake workers."""
+    """A supervisor serving generation 1 of fake workers (probed through the fakes)."""
     cfg = base / "handoffd.toml"
     write_config(cfg, base / "run", command=["fake-worker"], **config)
     loaded = load_config(cfg)
-    sup = Supervisor(loaded, {}, spawner)
+    sup = Supervisor(loaded, {}, spawner, probe=spawner.probe)
     sup.notify_dir.mkdir(parents=True)
     sup.held.adopt(open_listeners(loaded, {}))
 
@@ -46,7 +47,7 @@ async def start(nursery: trio.Nursery, base: Path, spawner: FakeSpawner, **confi
         try:
             await sup.run(task_status=task_status)
         finally:
-            sup.held.close_all()
+            sup.held.close_all(unlink=True)
 
     await nursery.start(run)
     return sup
@@ -234,4 +235,31 @@ async def test_a_spawn_error_fails_the_upgrade_with_its_reason(autojump_clock, b
         assert sup.current is not None
         assert sup.current.number == 1
         spawner.fail_with = None
+        sup.stop()
+
+
+async def test_an_upgrade_refuses_a_runtime_dir_change_and_applies_a_pid_file_change(
+    autojump_clock, base
+):
+    spawner = FakeSpawner()
+    async with trio.open_nursery() as nursery:
+        sup = await start(nursery, base, spawner, extra_supervisor=f'pid_file = "{base}/a.pid"')
+        cfg = base / "handoffd.toml"
+        write_config(cfg, base / "elsewhere", command=["fake-worker"])
+        reply = await upgrade(sup)
+        assert not reply.ok
+        assert "supervisor.runtime_dir" in (reply.reason or "")
+        assert "upgrade --self" in (reply.reason or "")
+        assert sup.current is not None
+        assert sup.current.number == 1
+        write_config(
+            cfg,
+            base / "run",
+            command=["fake-worker"],
+            extra_supervisor=f'pid_file = "{base}/b.pid"\nallowed_uids = [4242]',
+        )
+        reply = await upgrade(sup)
+        assert reply.ok, reply
+        assert (base / "b.pid").read_text().strip() == str(os.getpid())
+        assert 4242 in sup.allowed_uids
         sup.stop()

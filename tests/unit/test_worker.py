@@ -87,3 +87,11 @@ def test_listen_names_the_fix_for_the_wrong_kind_of_address() -> None:
 def test_park_refuses_an_invalid_fd_name() -> None:
     with pytest.raises(ValueError, match="without ':'"):
         handoff.park("a:b", 0)
+
+
+def test_listen_pid_mismatch_is_a_listener_error_with_its_exit_code() -> None:
+    from handoff._errors import EXIT_USAGE
+
+    error = handoff.ListenPidMismatchError("LISTEN_PID=1 but this process is 2")
+    assert isinstance(error, ListenerError)
+    assert error.exit_code == EXIT_USAGE
