@@ -83,15 +83,26 @@ def wait_serving(address: tuple[str, int], timeout: float, generation: int | Non
     raise TimeoutError(f"{address} not serving (generation {generation}) after {timeout} s: {last}")
 
 
-def run_command(cmd: list[str], timeout: float = RELOAD_TIMEOUT, **kwargs: object) -> tuple[int | None, str]:
+def run_command(
+    cmd: list[str], timeout: float = RELOAD_TIMEOUT, **kwargs: object
+) -> tuple[int | None, str]:
     """Run a control command; returns (exit code or None on timeout, combined output)."""
     try:
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False,
-            text=True, **kwargs,  # type: ignore[arg-type]
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+            text=True,
+            **kwargs,  # type: ignore[arg-type]
         )
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
+        out = (
+            exc.stdout
+            if isinstance(exc.stdout, str)
+            else (exc.stdout or b"").decode(errors="replace")
+        )
         return None, out
     return proc.returncode, proc.stdout
 
@@ -144,7 +155,13 @@ class Peer:
     # -- helpers -------------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        for key in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "SERVER_STARTER_PORT"):
+        for key in (
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "SERVER_STARTER_PORT",
+        ):
             env.pop(key, None)
         env["BENCH_VERSION_FILE"] = str(self.version_file)
         env["PYTHONUNBUFFERED"] = "1"
@@ -155,8 +172,13 @@ class Peer:
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 (closed in reap_all)
         kwargs.setdefault("env", self.env())
         proc = subprocess.Popen(  # type: ignore[call-overload]
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=self.workdir, **kwargs,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.workdir,
+            **kwargs,
         )
         log.close()
         self.procs.append(proc)
@@ -204,13 +226,31 @@ def gunicorn_argv(*bind: str) -> list[str]:
     if _GUNICORN_FLAGS is None:
         # gunicorn >= 27 opens a control socket in ~/.gunicorn by default, shared by every
         # instance of the user; the benchmark does not use it.
-        help_text = subprocess.run([str(which("gunicorn")), "--help"], capture_output=True,
-                                   text=True, check=False, timeout=30).stdout
+        help_text = subprocess.run(
+            [str(which("gunicorn")), "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        ).stdout
         _GUNICORN_FLAGS = ["--no-control-socket"] if "--no-control-socket" in help_text else []
     return [
-        str(which("gunicorn")), "--workers", "2", "--worker-class", "sync", *bind,
-        "--backlog", "1024", "--chdir", str(APPS), "--graceful-timeout", "20",
-        "--log-level", "warning", *_GUNICORN_FLAGS, "wsgi:app",
+        str(which("gunicorn")),
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        *bind,
+        "--backlog",
+        "1024",
+        "--chdir",
+        str(APPS),
+        "--graceful-timeout",
+        "20",
+        "--log-level",
+        "warning",
+        *_GUNICORN_FLAGS,
+        "wsgi:app",
     ]
 
 

@@ -53,7 +53,9 @@ backlog = 1024
 class CircusPeer(Peer):
     name: ClassVar[str] = "circus"
     summary: ClassVar[str] = "circusd holds the socket, 2 app processes, circusctl reload --waiting"
-    self_upgrade_na: ClassVar[str | None] = "circusd cannot replace itself; restarting it closes the socket"
+    self_upgrade_na: ClassVar[str | None] = (
+        "circusd cannot replace itself; restarting it closes the socket"
+    )
     requires: ClassVar[list[Requirement]] = [Requirement("pip", "circus")]
 
     @classmethod
@@ -71,21 +73,36 @@ class CircusPeer(Peer):
         ini = self.workdir / "circus.ini"
         cmd = f"{sys.executable} {APP} --fd $(circus.sockets.web)"
         if self.app == "gunicorn":
-            cmd = shlex.join(gunicorn_argv("--bind", "fd://FD")).replace("FD", "$(circus.sockets.web)")
+            cmd = shlex.join(gunicorn_argv("--bind", "fd://FD")).replace(
+                "FD", "$(circus.sockets.web)"
+            )
         ini.write_text(INI.format(dir=self.workdir, cmd=cmd, port=port))
         self.spawn([str(which("circusd")), str(ini)], "circusd.log")
         wait_serving(self.address, START_TIMEOUT)
 
     def reload(self) -> ReloadOutcome:
-        rc, out = run_command([str(which("circusctl")), "--endpoint", self.endpoint(), "--timeout", "30",
-                               "reload", "app", "--waiting"])
+        rc, out = run_command(
+            [
+                str(which("circusctl")),
+                "--endpoint",
+                self.endpoint(),
+                "--timeout",
+                "30",
+                "reload",
+                "app",
+                "--waiting",
+            ]
+        )
         text = out.strip().splitlines()[-1] if out.strip() else ""
         if rc == 0 and "error" not in text.lower():
             return ReloadOutcome("ok", text[-200:])
         return ReloadOutcome("failed", f"exit {rc}: {text[-200:]}")
 
     def stop(self) -> None:
-        rc, _ = run_command([str(which("circusctl")), "--endpoint", self.endpoint(), "quit", "--waiting"], timeout=40)
+        rc, _ = run_command(
+            [str(which("circusctl")), "--endpoint", self.endpoint(), "quit", "--waiting"],
+            timeout=40,
+        )
         if rc != 0:
             for proc in self.procs:
                 if proc.poll() is None:

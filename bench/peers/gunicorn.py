@@ -33,7 +33,9 @@ from bench.peers import (
 
 class GunicornPeer(Peer):
     name: ClassVar[str] = "gunicorn"
-    summary: ClassVar[str] = "gunicorn 2 sync workers, SIGHUP (no keep-alive: the sync worker closes every connection)"
+    summary: ClassVar[str] = (
+        "gunicorn 2 sync workers, SIGHUP (no keep-alive: the sync worker closes every connection)"
+    )
     self_upgrade_na: ClassVar[str | None] = None
     requires: ClassVar[list[Requirement]] = [Requirement("pip", "gunicorn")]
 
@@ -61,7 +63,9 @@ class GunicornPeer(Peer):
         port = free_port()
         self.address = ("127.0.0.1", port)
         # Its own app is already the unmodified gunicorn: app="gunicorn" changes nothing.
-        self.spawn(gunicorn_argv("--bind", f"127.0.0.1:{port}", "--pid", self.pidfile), "gunicorn.log")
+        self.spawn(
+            gunicorn_argv("--bind", f"127.0.0.1:{port}", "--pid", self.pidfile), "gunicorn.log"
+        )
         wait_serving(self.address, START_TIMEOUT)
 
     def reload(self) -> ReloadOutcome:
@@ -88,7 +92,9 @@ class GunicornPeer(Peer):
             return ReloadOutcome("none", f"new master's workers never served: {exc}")
         os.kill(old, signal.SIGWINCH)
         os.kill(old, signal.SIGTERM)
-        return ReloadOutcome("none", "USR2, then WINCH+TERM to the old master once the new workers served")
+        return ReloadOutcome(
+            "none", "USR2, then WINCH+TERM to the old master once the new workers served"
+        )
 
     def stop(self) -> None:
         for path in (self.pidfile + ".2", self.pidfile):

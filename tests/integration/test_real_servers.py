@@ -222,7 +222,13 @@ def wait_gone(pids: set[int], what: str, timeout: float = 20) -> None:
 
 
 def port_free(address: tuple[str, int]) -> bool:
+    """Whether a server could bind the port again (as a restarted handoffd would).
+
+    SO_REUSEADDR, as every server sets: the load's TIME_WAIT connections stay on the port for a
+    minute, and only a socket still bound or listening there makes this bind fail.
+    """
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(address)
         except OSError:
