@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG})"
     )
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    # A self-upgrade's check of a new executable (see _handover.run_preflight); not for users.
+    run.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
 
     up = sub.add_parser("upgrade", help="start a new generation and retire the old one")
     client_options(up)
@@ -222,9 +224,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     fmt = args.log_format
     configure_logging(json=None if fmt == "auto" else fmt == "json")
+    loaded = load_config(_config_path(args))
+    if args.preflight:
+        from ._handover import run_preflight
+
+        timeout = loaded.config.supervisor.self_upgrade_timeout
+        trio.run(run_preflight, loaded.path, dict(os.environ), timeout)
+        return EXIT_OK
     from ._startup import run_supervisor
 
-    loaded = load_config(_config_path(args))
     trio.run(run_supervisor, loaded, dict(os.environ))
     return EXIT_OK
 
@@ -338,6 +346,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         extra = f"  restarts={w['restarts']}" if w.get("restarts") else ""
         extra += f"  descendants={w['descendants']}" if w.get("descendants") else ""
         extra += f"  readiness: {w['readiness']}" if w.get("readiness") else ""
+        extra += f"  notify_rejected={w['notify_rejected']}" if w.get("notify_rejected") else ""
         print(
             f"  gen {w['generation']} worker {w['index']}  pid {w['pid'] or '-':<8} {w['state']:<9}{status}{extra}"
         )

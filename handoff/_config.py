@@ -76,6 +76,11 @@ class SupervisorConfig(_Model):
     # How long the old supervisor waits for its successor to take over during a self-upgrade
     # (``handoffd upgrade --self``) before it kills it and carries on.
     self_upgrade_timeout: _PositiveSeconds = 30.0
+    # How ``upgrade --self`` replaces the supervisor. "in-place": it re-executes itself and keeps
+    # its pid (whatever started handoffd keeps waiting on the same process); "new-pid": a new
+    # process takes over and tells systemd MAINPID= (only systemd follows that, or a manager
+    # that re-reads pid_file); "auto": new-pid under systemd (NOTIFY_SOCKET set), else in-place.
+    self_upgrade: Literal["auto", "in-place", "new-pid"] = "auto"
 
 
 @final

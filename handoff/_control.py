@@ -125,6 +125,8 @@ class WorkerInfo(_Wire):
     descendants: list[int] = Field(default_factory=list)
     #: How its readiness is decided when that is not its mode's usual way (a fallback).
     readiness: str | None = None
+    #: Notify datagrams refused: their sender was not in the worker's process tree.
+    notify_rejected: int = 0
 
 
 class GenerationInfo(_Wire):

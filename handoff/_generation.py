@@ -34,12 +34,17 @@ Design notes:
   drain_timeout ends with SIGKILL to every group.
 - Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
   one for each restart, so a late datagram from a dead worker can never mark its successor ready.
+  And by sender: only a datagram from the worker's own tree is applied (``_notify_access``); any
+  other is refused (its fds closed), counted per worker (``notify_rejected`` in ``status``) and
+  logged as ``notify.rejected`` at most once per ``_REJECTED_LOG_INTERVAL`` per worker, with how
+  many were held back.
 - Self-upgrade (see ``_handover``): ``freeze()`` stops a generation from reading its workers'
-  notify sockets and from starting workers, and returns once no datagram can be applied any more,
-  so that the state handed to the successor cannot change under it; ``thaw()`` undoes it when the
-  handover fails. ``hand_over()`` (after the successor is in charge) makes the tasks let go of
-  everything without killing a worker or unlinking a notify socket, when the old supervisor's
-  nursery is cancelled. ``run_adopted_generation`` is the successor's side: the same generation,
+  notify sockets, and returns once no datagram can be applied any more (the datagrams wait in
+  the sockets for the successor). Crashed workers are still seen and restarted meanwhile:
+  supervision never stops for a handover. ``hand_over()`` (when the commit is taken) stops
+  every spawn, so the commit's snapshot stays true, and makes the tasks let go of everything
+  without killing a worker or unlinking a notify socket when the old supervisor's nursery is
+  cancelled. ``thaw()`` undoes both when the handover fails. ``run_adopted_generation`` is the successor's side: the same generation,
   its workers watched through the pidfds handed over (they are not its children, so their exit
   status is unknown), restarted as normal children when they crash, drained like any other.
 """
@@ -79,6 +84,9 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 
 _spawn_sequence = itertools.count(1)
+# At most one notify.rejected line per worker this often: a same-uid process could send refused
+# datagrams in a loop, and each would otherwise write a log line.
+_REJECTED_LOG_INTERVAL: Final = 10.0
 # The longest STATUS= text kept per worker (one line for `handoffd status`).
 _STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
@@ -191,6 +199,8 @@ class GenerationSpec:
     listener_keys: Mapping[int, ListenerKey] = field(default_factory=dict)
     #: How a worker's tree is judged accepting (the /proc one; fakes in unit tests).
     probe: ReadinessProbe = probe_proc
+    #: Called once a worker process is in a slot (spawned or adopted), its notify socket set.
+    on_spawned: Callable[[], None] = lambda: None
 
 
 @final
@@ -220,6 +230,11 @@ class WorkerSlot:
     # The supervisor's ends of the running worker's sockets (a self-upgrade hands them over).
     notify: NotifyReceiver | None = field(default=None, repr=False)
     channel: socket.socket | None = field(default=None, repr=False)
+    #: Notify datagrams refused because their sender was not in the worker's tree (all spawns).
+    notify_rejected: int = 0
+    #: When ``notify.rejected`` was last logged (trio clock), and how many were refused since.
+    rejected_logged_at: float | None = None
+    rejected_unlogged: int = 0
 
 
 @final
@@ -267,6 +282,8 @@ class Generation:
         # trio.current_time() by which a drain SIGKILLs what is left (set once draining).
         self.drain_deadline: float | None = None
         self.handed_over = False
+        # Not None while handed over; set (and dropped) by thaw(): spawns wait for it.
+        self._taken_back: trio.Event | None = None
         self._settled = trio.Event()
         self._drain_requested = trio.Event()
         # Not None while frozen; set (and dropped) by thaw().
@@ -301,7 +318,7 @@ class Generation:
         return self.draining
 
     async def freeze(self) -> None:
-        """Stop reading notify sockets and starting workers until ``thaw()``.
+        """Stop reading notify sockets until ``thaw()`` (crash restarts go on).
 
         Returns once every notify pump has stopped: from then on nothing a worker sends changes
         this generation (datagrams wait in the sockets, for whoever reads them next).
@@ -317,19 +334,28 @@ class Generation:
         await self._pumps_idle.wait()
 
     def thaw(self) -> None:
-        """Undo ``freeze()``: the handover failed and this supervisor carries on."""
-        if self._thawed is not None:
-            self._thawed.set()
-            self._thawed = None
+        """Undo ``freeze()`` and ``hand_over()``: the handover failed and we carry on."""
+        self.handed_over = False
+        for event in (self._thawed, self._taken_back):
+            if event is not None:
+                event.set()
+        self._thawed = self._taken_back = None
 
     def hand_over(self) -> None:
-        """A successor owns the workers now: when cancelled, let go without killing them."""
+        """A successor owns the workers now: spawn nothing more, and when cancelled, let go
+        without killing them."""
         self.handed_over = True
+        if self._taken_back is None:
+            self._taken_back = trio.Event()
 
     async def _wait_thawed(self) -> None:
         # A loop, not one wait: a thaw followed at once by another freeze must keep us waiting.
         while self._thawed is not None:
             await self._thawed.wait()
+
+    async def _wait_taken_back(self) -> None:
+        while self._taken_back is not None:
+            await self._taken_back.wait()
 
     def begin_hold(self, seconds: float) -> None:
         """Both generations serve now: a worker exit or a lost listener fails the hold."""
@@ -619,13 +645,14 @@ async def _drain(
         stuck = sorted({pid for proc in gen.spawned for pid in proc.group_roots()})
         for proc in gen.spawned:
             proc.signal_group(signal.SIGKILL)
-        log.warning(
-            "generation.drain_timed_out",
-            drain_timeout=program.drain_timeout,
-            waited_s=round(timeout, 3),
-            killed=stuck,
-            hint="workers ignored the stop signal; they were killed with SIGKILL",
-        )
+        if stuck:  # a deadline that found nobody left kills nobody: no SIGKILL line
+            log.warning(
+                "generation.drain_timed_out",
+                drain_timeout=program.drain_timeout,
+                waited_s=round(timeout, 3),
+                killed=stuck,
+                hint="workers ignored the stop signal; they were killed with SIGKILL",
+            )
         with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
             await _wait_trees(gen, live)
 
@@ -649,7 +676,7 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 adopted = False
                 code = await _watch_adopted_worker(gen, slot)
             else:
-                await gen._wait_thawed()  # a frozen generation starts no worker
+                await gen._wait_taken_back()  # a handed-over generation starts no worker
                 await _wait_enabled(gen, slot)
                 if gen.is_draining():
                     break
@@ -740,7 +767,8 @@ async def _watch_adopted_worker(gen: Generation, slot: WorkerSlot) -> int | None
     proc, receiver = slot.process, slot.notify
     assert proc is not None
     assert receiver is not None
-    slot.exited = trio.Event()
+    # slot.exited is the slot's first Event, never replaced here: a drain that started before
+    # this task ran already waits on it.
     return await _supervise_worker(gen, slot, proc, receiver, slot.channel, deliver=False)
 
 
@@ -759,11 +787,12 @@ async def _supervise_worker(
     """
     slot.notify, slot.channel = receiver, channel
     gen._track(proc)
+    gen.spec.on_spawned()
     program = gen.spec.program
     try:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_notify, gen, slot, receiver)
+                nursery.start_soon(_pump_notify, gen, slot, proc, receiver)
                 if channel is not None and deliver:
                     nursery.start_soon(_put_fds, gen.spec, gen.parked, channel)
                 delay = program.ready_delay
@@ -975,7 +1004,9 @@ def _fall_back(gen: Generation, slot: WorkerSlot, reason: str) -> None:
     _update_ready(gen, slot)
 
 
-async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiver) -> None:
+async def _pump_notify(
+    gen: Generation, slot: WorkerSlot, proc: ProcessHandle, receiver: NotifyReceiver
+) -> None:
     while True:
         await gen._wait_thawed()
         # freeze() cancels this scope and waits for the pump to leave it: a datagram already
@@ -984,12 +1015,43 @@ async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiv
             gen._pumps.add(scope)
             try:
                 while True:
-                    message = await receiver.receive()
-                    _apply_notify(gen, slot, message)
+                    message = await receiver.receive(proc.attribute)
+                    if message.accepted:
+                        _apply_notify(gen, slot, message)
+                    else:
+                        _reject_notify(slot, proc, message)
             finally:
                 gen._pumps.discard(scope)
                 if not gen._pumps:
                     gen._pumps_idle.set()
+
+
+def _reject_notify(slot: WorkerSlot, proc: ProcessHandle, message: NotifyMessage) -> None:
+    """Never act on a datagram from outside the worker's tree: count it, log it (rate-limited)."""
+    close_fds(message.fds)
+    slot.notify_rejected += 1
+    now = trio.current_time()
+    last = slot.rejected_logged_at
+    if last is not None and now - last < _REJECTED_LOG_INTERVAL:
+        slot.rejected_unlogged += 1
+        return
+    sender = message.sender
+    log.warning(
+        "notify.rejected",
+        pid=proc.pid,
+        sender_pid=sender.pid if sender is not None else None,
+        sender_uid=sender.uid if sender is not None else None,
+        # The keys only, few and short: the sender chose them, and values may be secrets.
+        keys=sorted(key[:32] for key in message.fields)[:8],
+        fds_closed=len(message.fds),
+        reason=message.attribution.reason if message.attribution else "no judgement",
+        rejected=slot.notify_rejected,
+        held_back=slot.rejected_unlogged,
+        hint="only the worker's own process tree may notify for it (see NotifyAccess); "
+        "another process of its uid wrote to its NOTIFY_SOCKET",
+    )
+    slot.rejected_logged_at = now
+    slot.rejected_unlogged = 0
 
 
 def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> None:

@@ -68,6 +68,9 @@ class GenerationSet:
         self.rolling: Generation | None = None
         self.next_number = 1
         self._on_drained = on_drained
+        #: Called when what is supervised changed: a worker spawned or adopted, a generation
+        #: promoted, adopted or drained (``_custody`` keeps its record current with it).
+        self.on_change: Callable[[], None] = lambda: None
 
     def all(self) -> list[Generation]:
         """The live generations: the current one first, then those still draining."""
@@ -176,6 +179,7 @@ class GenerationSet:
         if old is not None:
             self.draining.append(old)
             old.request_drain()
+        self.on_change()
         return old
 
     async def adopt(
@@ -205,6 +209,7 @@ class GenerationSet:
                 self.current = gen
             else:
                 self.draining.append(gen)
+            self.on_change()
 
     def live_workers(self) -> int:
         """Worker processes alive in any generation, including one starting or holding."""
@@ -231,7 +236,6 @@ class GenerationSet:
     def thaw(self, gens: Sequence[Generation]) -> None:
         """A handover failed: ``gens`` are ours again (supervised, notify sockets read)."""
         for gen in gens:
-            gen.handed_over = False
             gen.thaw()
 
     def kill_all(self) -> None:
@@ -247,6 +251,7 @@ class GenerationSet:
             self.draining.remove(gen)
             log.info("generation.drained", generation=gen.number)
             self._on_drained()
+            self.on_change()
 
     def _spec(
         self,
@@ -274,6 +279,7 @@ class GenerationSet:
             listener_keys=listener_keys({name: li.sock for name, li in fdset}),
             probe=self.probe,
             live_workers=self.live_workers,
+            on_spawned=lambda: self.on_change(),
         )
 
 

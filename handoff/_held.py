@@ -226,8 +226,12 @@ def open_listeners(
     environ: Mapping[str, str],
     systemd: SystemdNotifier | None = None,
     launchd: LaunchdLibrary | None = None,
+    taken: Mapping[str, Listener] | None = None,
 ) -> dict[str, Listener]:
     """Inherit what the service manager passed (by name, then by address), bind the rest.
+
+    ``taken`` are listeners already held by name (taken back from orphans, ``_custody``); this
+    owns them from the call on: what an inherited fd of the same name shadows is closed.
 
     systemd's LISTEN_FDS come first; without them, on macOS, launchd is asked for a socket
     named like each listener (``launchd`` injects its library, for tests on Linux).
@@ -257,17 +261,23 @@ def open_listeners(
             if systemd is not None:
                 systemd.remove_fd(item.name)
     result: dict[str, Listener] = {}
+    taken = dict(taken or {})
     with ExitStack() as cleanup_on_fail:
-        for li in claimed.values():
+        for li in [*claimed.values(), *taken.values()]:
             cleanup_on_fail.callback(li.close)
         for lc in config.listener:
             if lc.name in claimed:
                 result[lc.name] = claimed[lc.name]
                 continue
+            if lc.name in taken:
+                result[lc.name] = taken.pop(lc.name)
+                continue
             listener = bind_listener(lc)
             cleanup_on_fail.callback(listener.close)
             result[lc.name] = listener
         cleanup_on_fail.pop_all()
+    for li in taken.values():  # shadowed by what the service manager passed
+        li.close()
     return result
 
 

@@ -66,7 +66,7 @@ class Listener:
 
     config: ListenerConfig
     sock: socket.socket
-    origin: str  # "bound", "inherited" or "handed-over"
+    origin: str  # "bound", "inherited", "handed-over" or "recovered" (from orphans: _custody)
     lock_fd: int | None = None
     users: int = field(default=0)
     # (st_dev, st_ino) of the socket file we bound, to remove it at a clean stop if still ours.
@@ -81,8 +81,8 @@ class Listener:
                 _held_streams[_identity(self.fd)] = self
         if self.origin:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-            if self.origin == "handed-over":
-                # A worker may have set it before the handover; handoffd binds blocking.
+            if self.origin in ("handed-over", "recovered"):
+                # A worker may have set it before we took it; handoffd binds blocking.
                 flags &= ~os.O_NONBLOCK
             _flags_as_held[_identity(self.fd)] = flags
 

@@ -51,6 +51,7 @@ from . import _platform
 from ._errors import ProtocolError
 from ._spawn import (
     DEFAULT_SPAWNER,
+    attribute,
     deliver_signal,
     group_roots,
     signal_group,
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
+    from ._notify_access import Attribution, NotifySender
     from ._processes import Spawner
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
@@ -118,6 +120,9 @@ class PortableProcess:
 
     async def wait_group_exited(self) -> None:
         await wait_group_exited(self)
+
+    def attribute(self, sender: NotifySender) -> Attribution:
+        return attribute(self, sender)
 
     def close(self) -> None:
         """Nothing is held per process (no fd): letting go is forgetting."""

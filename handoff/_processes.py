@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
+    from ._notify_access import Attribution, NotifySender
+
 # How long a SIGKILLed process may take to be reaped before we stop waiting for it. It cannot
 # ignore SIGKILL; this only bounds a process stuck in uninterruptible sleep (a dead NFS mount).
 REAP_TIMEOUT_S: Final = 5.0
@@ -74,6 +76,10 @@ class ProcessHandle(Protocol):
 
     async def wait_group_exited(self) -> None:
         """After ``wait()`` returned: block until no member of its process group is left."""
+        ...
+
+    def attribute(self, sender: NotifySender) -> Attribution:
+        """Whether a datagram on its notify socket from ``sender`` speaks for it (its tree)."""
         ...
 
     def close(self) -> None:

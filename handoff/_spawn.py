@@ -23,10 +23,15 @@ Design notes:
   pid, hence the group id, is reserved; once it is reaped, only while a member of the group is
   our child that we have not reaped (alive or zombie), which holds the group id as well.
   An adopted worker (a self-upgrade; not our child) is signalled through its pidfd only.
+- Notify access (``WorkerProcess.attribute``, the rule in ``_notify_access``): a datagram on a
+  worker's notify socket counts only from the worker's tree. ``reap_orphans`` remembers what it
+  reaped (pid, process group, pidfs inode) for ``REAPED_WINDOW``, so an orphan of the tree that
+  sent a datagram and exited, and was reaped before the datagram was read, still counts.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import fcntl
@@ -34,18 +39,29 @@ import os
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 
 from ._errors import SpawnError
+from ._notify_access import (
+    LINUX_FACTS,
+    REAPED_MAX,
+    REAPED_WINDOW,
+    ReapedOrphan,
+    WorkerTree,
+    attribute_sender,
+    pidfd_inode,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
 
+    from ._notify_access import Attribution, NotifySender
     from ._processes import ProcessHandle
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
@@ -70,6 +86,30 @@ _unreaped: set[int] = set()
 def unreaped_children() -> frozenset[int]:
     """Pids of workers this process spawned and has not reaped (see ``_unreaped``)."""
     return frozenset(_unreaped)
+
+
+# The orphans reap_orphans reaped lately, oldest first (see the module notes on notify access).
+_reaped: collections.deque[ReapedOrphan] = collections.deque(maxlen=REAPED_MAX)
+
+
+def recently_reaped() -> tuple[ReapedOrphan, ...]:
+    """The orphans reaped within ``REAPED_WINDOW``, oldest first."""
+    now = time.monotonic()
+    while _reaped and now - _reaped[0].at > REAPED_WINDOW:
+        _reaped.popleft()
+    return tuple(_reaped)
+
+
+def _inode_of(pid: int) -> int | None:
+    """The pidfs inode of our unreaped child ``pid`` (a zombie still has its pid), or None."""
+    try:
+        pidfd = _pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        return pidfd_inode(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 # Replaced (after being set) whenever reap_orphans reaped something: one Event per occurrence.
@@ -118,11 +158,8 @@ def _our_children() -> set[int]:
 
 def process_group_of(pid: int) -> int | None:
     """The process group id of ``pid`` (proc(5) ``stat`` field 5), None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
+    stat = LINUX_FACTS.stat(pid)
+    return stat.pgid if stat is not None else None
 
 
 def group_orphans(pgid: int) -> list[int]:
@@ -139,12 +176,14 @@ def reap_orphans() -> list[tuple[int, int | None]]:
     reaped: list[tuple[int, int | None]] = []
     for pid in sorted(_our_children() - _unreaped):
         group = process_group_of(pid)
+        inode = _inode_of(pid)
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             continue
         if done == pid:
             reaped.append((pid, group))
+            _reaped.append(ReapedOrphan(pid, group, inode, time.monotonic()))
     if reaped:
         global _orphans_reaped
         _reaped_event().set()
@@ -175,6 +214,11 @@ class WorkerProcess:
     pidfd: int
     is_child: bool = True
     returncode: int | None = None
+    #: The pidfs inode of its pidfd (see ``attribute``), read once while the pidfd is open.
+    inode: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.inode = pidfd_inode(self.pidfd) if self.pidfd >= 0 else None
 
     async def wait(self) -> int:
         """Wait for the exit and reap it; returns the exit code, or -signal when killed."""
@@ -207,6 +251,9 @@ class WorkerProcess:
     def group_roots(self) -> list[int]:
         return group_roots(self)
 
+    def attribute(self, sender: NotifySender) -> Attribution:
+        return attribute(self, sender, self.inode)
+
     async def wait_group_exited(self) -> None:
         await wait_group_exited(self)
 
@@ -238,6 +285,23 @@ def group_roots(process: ProcessHandle) -> list[int]:
     """The worker (while it lives) and the members of its group reparented to us."""
     alive = [process.pid] if process.returncode is None else []
     return alive + (group_orphans(process.pid) if process.is_child else [])
+
+
+def attribute(
+    process: ProcessHandle, sender: NotifySender, inode: int | None = None
+) -> Attribution:
+    """Whether ``sender`` is in the worker's tree (``_notify_access``'s rule, real /proc);
+    ``inode``: the pidfs inode of the worker's pidfd, where there is one."""
+    tree = WorkerTree(
+        pid=process.pid,
+        inode=inode,
+        alive=process.returncode is None,
+        supervisor_pid=os.getpid(),
+        workers=frozenset(_unreaped),
+        reaped=recently_reaped(),
+        now=time.monotonic(),
+    )
+    return attribute_sender(sender, tree)
 
 
 async def wait_group_exited(process: ProcessHandle) -> None:
@@ -471,3 +535,13 @@ def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
     return WorkerProcess(
         pid=pid, pidfd=_pidfd_open(pid) if pidfd is None else pidfd, is_child=False
     )
+
+
+def adopt_child(pid: int, pidfd: int) -> WorkerProcess:
+    """Watch a worker that is our child although we did not spawn it in this image.
+
+    After an exec in place (see ``_handover.exec_in_place``) the pid is the same, so the workers
+    the previous image spawned are still our children: we reap them and see their exit status.
+    """
+    _unreaped.add(pid)
+    return WorkerProcess(pid=pid, pidfd=pidfd, is_child=True)

@@ -25,11 +25,12 @@ import trio
 
 from ._config import control_socket_path
 from ._control import UpgradeRequest, bind_control_socket, serve_control
+from ._custody import CustodyKeeper, recover_orphans
 from ._errors import ConfigError, ListenerError
 from ._held import open_listeners
 from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
-from ._paths import HANDOVER_FD_ENV
+from ._paths import HANDOVER_FD_ENV, REEXEC_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file
 from ._platform import record as record_degradations
 from ._portable import reap_children, select_spawner
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ._config import LoadedConfig
+    from ._custody import Orphans
     from ._handover import Handover
     from ._processes import Spawner
 
@@ -68,12 +70,13 @@ async def run_supervisor(
     if spawner is None:
         spawner = _platform_spawner(environ)
     handover_fd = environ.get(HANDOVER_FD_ENV)
-    environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    reexec_fd = environ.get(REEXEC_FD_ENV)
+    environ = {k: v for k, v in environ.items() if k not in (HANDOVER_FD_ENV, REEXEC_FD_ENV)}
     raise_nofile_limit(environ)
     sup = Supervisor(loaded, environ, spawner)
     supervisor = loaded.config.supervisor
     control_path = control_socket_path(supervisor, environ)
-    if handover_fd is None:
+    if handover_fd is None and reexec_fd is None:
         refuse_if_running(control_path)
     runtime = open_runtime_dir(sup.runtime_dir, control_path)
     sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
@@ -95,14 +98,36 @@ async def run_supervisor(
             "only for what its process groups still hold",
         )
     handover: Handover | None = None
+    orphans: Orphans | None = None
     control: socket.socket | None = None
     sup.control_path = control_path
+    custody = CustodyKeeper(
+        runtime.root, sup.held, sup.gens, loaded.path, lambda: sup.successor_pid is not None
+    )
+    sup.gens.on_change = custody.update
     with trio.open_signal_receiver(*signals_wanted) as signals:
+        # Blocked by a predecessor image across its exec in place (pending ones arrive now).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_wanted)
         try:
-            if handover_fd is None:
-                sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
+            if reexec_fd is not None:
+                handover = _claim(sup, _from_exec(sup, reexec_fd))
+                control = handover.take_control()
+                if control is None:
+                    control = _bind_control(control_path, control_mode)
+                sup.last_upgrade = handover.last_upgrade
+                custody.claim()  # the same pid: the record stays ours
+            elif handover_fd is None:
+                # What a killed predecessor left serving is taken back, not bound again.
+                orphans = recover_orphans(
+                    runtime.root, sup.notify_dir, loaded, environ, control_path
+                )
+                taken = orphans.claim_listeners() if orphans is not None else {}
+                if orphans is not None:
+                    sup.gens.next_number = orphans.next_generation
+                sup.held.adopt(open_listeners(loaded, environ, sup.systemd, taken=taken))
                 control = _bind_control(control_path, control_mode)
                 write_configured_pid_file(supervisor.pid_file)
+                custody.claim()
             else:
                 handover = await _receive(sup, handover_fd)
                 control, control_path = await handover.take_over(
@@ -114,11 +139,14 @@ async def run_supervisor(
                 sup.control_path = control_path
                 sup.last_upgrade = handover.last_upgrade
             sup.control_inode = runtime.verify_control_socket(control_path)
+            sup.control_socket = control
             async with trio.open_nursery() as root:
                 await root.start(serve_control, control, sup, allowed)
                 root.start_soon(_handle_signals, sup, signals)
                 root.start_soon(sup.systemd.run_watchdog)
-                if await root.start(_run_until_stopped, sup, handover, root.cancel_scope):
+                if await root.start(_run_until_stopped, sup, handover, orphans, root.cancel_scope):
+                    if handover is not None:
+                        custody.claim()  # in charge now, the workers adopted
                     release_after_startup()
                     _log_ready(sup, handover)
                     sup.systemd.ready(sup.status_text())
@@ -126,6 +154,9 @@ async def run_supervisor(
         finally:
             if handover is not None:
                 handover.close()  # whatever was received and not claimed
+            if orphans is not None:
+                orphans.close()  # whatever was taken back and not adopted
+            custody.remove()
             if control is not None:
                 control.close()
             sup.held.close_all(unlink=sup.successor_pid is None)
@@ -156,6 +187,7 @@ def _platform_spawner(environ: Mapping[str, str]) -> Spawner:
 async def _run_until_stopped(
     sup: Supervisor,
     handover: Handover | None,
+    orphans: Orphans | None,
     root: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
@@ -163,7 +195,7 @@ async def _run_until_stopped(
     """Run the supervisor; once it has drained and returned, end the control server and the
     rest of the root nursery too."""
     try:
-        await sup.run(handover, task_status=task_status)
+        await sup.run(handover, orphans, task_status=task_status)
     finally:
         root.cancel()
 
@@ -175,6 +207,17 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     handover = await Handover.receive(
         handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout, sup.gens.spawner
     )
+    return _claim(sup, handover)
+
+
+def _from_exec(sup: Supervisor, reexec_fd: str) -> Handover:
+    from ._handover import Handover
+
+    return Handover.from_exec(reexec_fd, sup.loaded.path)
+
+
+def _claim(sup: Supervisor, handover: Handover) -> Handover:
+    """Take the listeners, parked fds and numbering a predecessor handed over."""
     claimed = handover.claim()
     sup.held.systemd = sup.systemd = claimed.systemd
     sup.held.adopt(claimed.listeners)
@@ -203,6 +246,8 @@ def _log_ready(sup: Supervisor, handover: Handover | None) -> None:
         listeners={li.name: li.bound_address() for li in sup.held.values()},
         control_socket=str(sup.control_path),
         handover_from=handover.state.pid if handover else None,
+        # A self-upgrade that kept the pid (the new image of the same process).
+        in_place=handover is not None and handover.channel is None,
     )
 
 

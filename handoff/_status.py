@@ -80,6 +80,7 @@ def status_info(
                 last_exit=s.last_exit,
                 descendants=[p for p in trees[id(s)] if s.process is None or p != s.process.pid],
                 readiness=f"READY=1 (fallback: {s.fallback})" if s.fallback else None,
+                notify_rejected=s.notify_rejected,
             )
             for g in generations
             for s in g.slots

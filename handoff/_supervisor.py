@@ -53,13 +53,15 @@ from ._systemd import SystemdNotifier, monotonic_usec
 from ._tickets import UpgradeQueue, UpgradeTicket, log_finished
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import LoadedConfig
     from ._control import StatusInfo, UpgradeEvent, UpgradeReply
+    from ._custody import Orphans
     from ._generation import Generation
-    from ._handover import Handover, HandoverOutcome, SupervisorView
+    from ._handover import ExecPlan, Handover, HandoverOutcome, SupervisorView
     from ._held import ListenerPlan
     from ._listeners import Listener
     from ._processes import Spawner
@@ -110,6 +112,10 @@ class Supervisor(ControlHandler):
         # Who may use the control socket (the server reads it per connection).
         self.allowed_uids = {0, os.getuid(), *loaded.config.supervisor.allowed_uids}
         self.control_inode: int | None = None
+        # The listening control socket (set by _startup): an exec in place keeps it open.
+        self.control_socket: socket.socket | None = None
+        # A pre-flight passed: re-execute in place once the callers have their replies.
+        self.exec_plan: ExecPlan | None = None
         self._root: trio.Nursery | None = None
 
     # ---- queries ----
@@ -167,10 +173,14 @@ class Supervisor(ControlHandler):
     async def run(
         self,
         handover: Handover | None = None,
+        orphans: Orphans | None = None,
         *,
         task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Start generation 1 (or adopt the handed-over ones), run upgrades until stopped, drain.
+
+        ``orphans``: the workers a killed predecessor left running (``_custody``) are adopted
+        first; a fresh generation starts only if none of them is current.
 
         Calls ``task_status.started(True)`` once serving, or ``started(False)`` when a stop came
         before generation 1 was ready (it was drained; a clean exit).
@@ -182,9 +192,18 @@ class Supervisor(ControlHandler):
             self._root = root
             if handover is not None:
                 await self._adopt(handover)
-            elif not await self._start_first(root):
-                task_status.started(False)
-                return
+            else:
+                if orphans is not None:
+                    await self.gens.adopt(
+                        root,
+                        orphans.claim_generations(),
+                        orphans.current,
+                        self.loaded.config.supervisor,
+                        self.held.by_name,
+                    )
+                if self.current is None and not await self._start_first(root):
+                    task_status.started(False)
+                    return
             self.machine.to("running")
             task_status.started(True)
             async with trio.open_nursery() as upgrades:
@@ -244,6 +263,12 @@ class Supervisor(ControlHandler):
                 await leave(ticket, self.queue, self.successor_pid, self.stop_requested.is_set())
                 self.stop_requested.set()
                 return
+            if self.exec_plan is not None:
+                from ._handover import reexec
+
+                # Answer every caller, then become the new version (returns if exec failed).
+                await reexec(ticket, self.queue, self.stop_requested.is_set(), self._exec)
+                self.exec_plan = None
             # Let the callers' replies go out first; then return the upgrade's freed heap.
             await trio.lowlevel.checkpoint()
             release_after_upgrade()
@@ -309,8 +334,14 @@ class Supervisor(ControlHandler):
         from ._handover import hand_over
 
         gens = self.generations()
+        in_place = self.self_upgrade_in_place()
         self.machine.to("self-upgrading")
-        log.info("upgrade.started", supervisor=True, exec_path=ticket.request.exec_path)
+        log.info(
+            "upgrade.started",
+            supervisor=True,
+            exec_path=ticket.request.exec_path,
+            in_place=in_place,
+        )
         outcome: HandoverOutcome | None = None
         try:
             outcome = await hand_over(
@@ -322,13 +353,17 @@ class Supervisor(ControlHandler):
                 systemd=self.systemd,
                 self_upgrade_timeout=self.loaded.config.supervisor.self_upgrade_timeout,
                 generation=self.gens.number(),
+                in_place=in_place,
                 spawner=self.gens.spawner,
             )
         finally:
             if outcome is None or outcome.successor_pid is None:
                 self._take_back(gens, () if outcome is None else outcome.spawned)
         assert outcome is not None
-        if outcome.successor_pid is not None and outcome.reply is not None:
+        if outcome.exec_plan is not None and outcome.reply is not None:
+            self.exec_plan = outcome.exec_plan
+            reply = outcome.reply
+        elif outcome.successor_pid is not None and outcome.reply is not None:
             # Committed: the control socket path is about to be the successor's (never unlink).
             self.successor_pid = outcome.successor_pid
             self.control_inode = None
@@ -339,6 +374,32 @@ class Supervisor(ControlHandler):
         self.last_upgrade = reply
         log_finished(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
         return reply
+
+    def self_upgrade_in_place(self) -> bool:
+        """Whether ``upgrade --self`` keeps our pid (see ``supervisor.self_upgrade``).
+
+        Only systemd follows a new main pid (MAINPID=, which needs NOTIFY_SOCKET); anything
+        else that started us (a shell's ``wait``, tini, runit, s6, supervisord) would see its
+        child exit and think the service died.
+        """
+        mode = self.loaded.config.supervisor.self_upgrade
+        if mode == "auto":
+            return not self.environ.get("NOTIFY_SOCKET")
+        return mode == "in-place"
+
+    def _exec(self, resend: Sequence[signal.Signals]) -> None:
+        """Re-execute in place (returns only if the exec failed: then we carry on, and say so)."""
+        from ._handover import exec_in_place
+
+        assert self.exec_plan is not None
+        assert self.control_socket is not None
+        try:
+            exec_in_place(self._view(), self.control_socket, self.exec_plan, resend)
+        except HandoffError as exc:
+            log.error("upgrade.exec_failed", reason=str(exc))
+            self.last_upgrade = self.last_upgrade and self.last_upgrade.model_copy(
+                update={"ok": False, "outcome": "failed", "reason": str(exc)}
+            )
 
     def _view(self) -> SupervisorView:
         from ._handover import SupervisorView

@@ -227,7 +227,9 @@ class Daemon:
             self.wait_event(
                 "supervisor.ready", where=lambda e: e.get("handover_from") == old, start=mark
             )
-            if old == self.proc.pid:
+            if new == old:
+                pass  # re-executed in place: the same process, a new image
+            elif old == self.proc.pid:
                 self.proc.wait(30)
             else:
                 wait_until(lambda: not pid_alive(old), 30, f"old supervisor {old} to exit")

@@ -297,7 +297,11 @@ def test_launchd_started_daemon_on_the_portable_watcher_serves_and_upgrades_unde
 def test_launchd_started_daemon_self_upgrades_under_load_keeping_the_launchd_socket(
     run_daemon: Callable[..., Daemon], stub_cdll: ctypes.CDLL
 ) -> None:
-    """The successor never asks launchd: the socket launchd bound travels in the handover."""
+    """The successor never asks launchd: the socket launchd bound travels in the handover.
+
+    launchd, like any manager but systemd, follows the pid it started: outside systemd the
+    self-upgrade re-executes in place, so the pid stays the one launchd watches.
+    """
     daemon = _launchd_daemon(run_daemon, stub_cdll, "")
     address = daemon.address()
     workers = daemon.worker_pids()
@@ -316,7 +320,7 @@ def test_launchd_started_daemon_self_upgrades_under_load_keeping_the_launchd_soc
     finally:
         report = client.stop()
     assert report.failed == 0, report.describe()
-    assert daemon.pid != daemon.proc.pid
+    assert daemon.pid == daemon.proc.pid
     (http,) = daemon.status()["listeners"]
     assert http["origin"] == "handed-over"
     assert daemon.address() == address
