@@ -34,7 +34,7 @@ def write_config(
     *,
     command: list[str] | None = None,
     processes: int = 2,
-    ready: str = "notify",
+    ready: str | None = "notify",
     ready_timeout: float = 10,
     hold: float | None = 0,
     drain_timeout: float = 10,
@@ -59,7 +59,8 @@ def write_config(
         "[program]",
         f"command = {json.dumps(command or worker_command())}",
         f"processes = {processes}",
-        f'ready = "{ready}"',
+        # None leaves the key out: the daemon's default readiness.
+        *([] if ready is None else [f'ready = "{ready}"']),
         f"ready_timeout = {ready_timeout}",
         # The tests written before the canary hold keep their speed and meaning: hold = 0 unless
         # a test asks for one (None: the default hold).
