@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -74,6 +75,8 @@ class Scenario:
     quick: float  # seconds of load
     full: float
     action: Callable[[Context], None]
+    # "own": each peer's usual app; "gunicorn": an unmodified gunicorn (no --preload) as the app
+    app: str = "own"
 
 
 @dataclasses.dataclass
@@ -145,6 +148,12 @@ def act_broken(ctx: Context) -> None:
     ctx.reload()
 
 
+def act_import_error(ctx: Context) -> None:
+    ctx.at(1.0)
+    ctx.write_version(2, "import-error")
+    ctx.reload()
+
+
 def act_self(ctx: Context) -> None:
     ctx.at(1.0)
     ctx.write_version(2, "ok")
@@ -167,7 +176,26 @@ SCENARIOS = [
     Scenario("broken", "3. Broken new version (exits 1 at start-up)", 3.0, 10.0, act_broken),
     Scenario("self", "4. Self-upgrade of the supervisor, then one reload", 5.0, 10.0, act_self),
     Scenario("steady", "5. Steady state, no reloads", 4.0, 15.0, act_none),
+    # The app is an unmodified gunicorn (2 sync workers, no --preload) under every peer that can
+    # host it: gunicorn's READY=1 comes before its workers have imported the app.
+    Scenario(
+        "gunicorn-slow",
+        "6. Unmodified gunicorn, slow import (2 s)",
+        6.0,
+        10.0,
+        act_slow,
+        app="gunicorn",
+    ),
+    Scenario(
+        "gunicorn-broken",
+        "7. Unmodified gunicorn, broken import (ImportError)",
+        6.0,
+        10.0,
+        act_import_error,
+        app="gunicorn",
+    ),
 ]
+BROKEN = ("broken", "gunicorn-broken")
 
 
 # -- measurement ------------------------------------------------------------------------------
@@ -202,20 +230,45 @@ class QueueSampler:
             self.peak = max(self.peak, total)
 
 
+def connections_per_process(port: int) -> list[int]:
+    """How many established connections to ``port`` each server process holds, largest first.
+
+    Kept-alive load sticks to the process that accepted it, so this says how many of the
+    workers the load actually exercises (steady state: both, or one).
+    """
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    counts: dict[str, int] = {}
+    for line in out.splitlines():
+        for pid in set(re.findall(r"pid=(\d+)", line)):
+            counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
+
+
 def parse_wrk(stdout: str) -> dict[str, Any]:
     for line in stdout.splitlines():
         if line.startswith("WRKJSON "):
-            data: dict[str, Any] = json.loads(line[len("WRKJSON "):])
+            data: dict[str, Any] = json.loads(line[len("WRKJSON ") :])
             return data
     return {"error": stdout.strip()[-300:] or "no output"}
 
 
-def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot: Path) -> dict[str, Any]:
+def run_one(
+    peer_cls: type[Peer], scenario: Scenario, duration: float, workroot: Path
+) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"{peer_cls.name}-{scenario.key}-", dir=workroot))
     version_file = workdir / "version.json"
     write_version(version_file, 1, "ok")
-    peer = peer_cls(workdir=workdir, version_file=version_file)
-    result: dict[str, Any] = {"peer": peer_cls.name, "scenario": scenario.key, "duration_s": duration}
+    peer = peer_cls(workdir=workdir, version_file=version_file, app=scenario.app)
+    result: dict[str, Any] = {
+        "peer": peer_cls.name,
+        "scenario": scenario.key,
+        "duration_s": duration,
+    }
     try:
         t_start = time.monotonic()
         peer.start()
@@ -227,21 +280,44 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
         return result
     url = f"http://{peer.address[0]}:{peer.address[1]}/"
     phases: dict[str, float] = {}
+    conns: list[int] = []
     ctx = Context(peer, time.monotonic(), duration)
     try:
         with QueueSampler(peer.address[1]) as sampler:
-            client = LoadClient(peer.address, keepalive=STRICT_KEEPALIVE, fresh=STRICT_FRESH,
-                                max_duration=duration + 60, timeout=STRICT_TIMEOUT)
+            client = LoadClient(
+                peer.address,
+                keepalive=STRICT_KEEPALIVE,
+                fresh=STRICT_FRESH,
+                max_duration=duration + 60,
+                timeout=STRICT_TIMEOUT,
+            )
             wrk = subprocess.Popen(
-                ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{round(duration)}s", "--timeout", "10s",
-                 "-s", str(WRK_LUA), url],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                [
+                    "wrk",
+                    f"-t{WRK_THREADS}",
+                    f"-c{WRK_CONNECTIONS}",
+                    f"-d{round(duration)}s",
+                    "--timeout",
+                    "10s",
+                    "-s",
+                    str(WRK_LUA),
+                    url,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
             )
             client.start()
             ctx.t0 = time.monotonic()
             action = threading.Thread(target=scenario.action, args=(ctx,), daemon=True)
             action.start()
+            conns_timer = threading.Timer(
+                min(1.5, duration / 2),
+                lambda: conns.extend(connections_per_process(peer.address[1])),
+            )
+            conns_timer.start()
             wrk_out, _ = wrk.communicate(timeout=duration + 60)
+            conns_timer.join()
             phases = {"load": time.monotonic() - ctx.t0}
             action.join(timeout=60)
             phases["reloads_done"] = time.monotonic() - ctx.t0
@@ -266,7 +342,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
                 rec.new_serving_after = t - rec.requested
                 break
     after_broken: dict[str, int] = {}
-    if scenario.key == "broken" and ctx.records:
+    if scenario.key in BROKEN and ctx.records:
         t_req = ctx.records[0].requested
         for t, gen, _pid in responses:
             if t >= t_req:
@@ -282,11 +358,14 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
                 "p50_ms": round(report.percentile(0.50) * 1000, 3) if report.latencies else None,
                 "p99_ms": round(report.percentile(0.99) * 1000, 3) if report.latencies else None,
                 "max_ms": round(max(report.latencies) * 1000, 3) if report.latencies else None,
-                "by_generation": {str(k): v for k, v in sorted(report.by_generation.items(), key=str)},
+                "by_generation": {
+                    str(k): v for k, v in sorted(report.by_generation.items(), key=str)
+                },
                 "reconnects_on_close": report.reconnects_on_close,
             },
             "phases_s": {k: round(v, 3) for k, v in phases.items()},
             "recv_q_peak": sampler.peak,
+            "connections_per_process": conns,
             "recv_q_samples": sampler.samples,
             "reloads": [
                 {
@@ -304,7 +383,7 @@ def run_one(peer_cls: type[Peer], scenario: Scenario, duration: float, workroot:
             ],
         }
     )
-    if scenario.key == "broken":
+    if scenario.key in BROKEN:
         result["responses_after_broken_reload_by_generation"] = after_broken
     if peer_stop_error:
         result["stop_error"] = peer_stop_error
@@ -321,20 +400,42 @@ def run_steady(duration: float, rounds: int, workroot: Path) -> dict[str, Any]:
     class AlonePeer(NaivePeer):
         name = "alone"
 
-    for _ in range(rounds):
-        runs["handoffd"].append(run_one(HandoffdPeer, steady, duration, workroot))
-        runs["alone"].append(run_one(AlonePeer, steady, duration, workroot))
+    for i in range(rounds):
+        # Alternate which runs first: the second of a pair starts on a machine the first has
+        # just left (TIME_WAIT sockets, page cache, another session's load moving in).
+        pair = [(HandoffdPeer, "handoffd"), (AlonePeer, "alone")]
+        for cls, key in pair if i % 2 == 0 else pair[::-1]:
+            runs[key].append(run_one(cls, steady, duration, workroot))
     out: dict[str, Any] = {"rounds": rounds, "runs": runs}
     try:
-        per_run = {k: [r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in v]
-                   for k, v in runs.items()}
+        per_run = {
+            k: [r["wrk"]["requests"] / (r["wrk"]["duration_us"] / 1e6) for r in v]
+            for k, v in runs.items()
+        }
         rps = {k: statistics.mean(v) for k, v in per_run.items()}
         p99 = {k: statistics.mean(r["wrk"]["p99_us"] / 1000 for r in v) for k, v in runs.items()}
         # Each round runs the two back to back, so a per-round ratio cancels slow drifts of a
         # shared machine; the median of those is the figure, with its spread.
         paired = sorted(h / a for h, a in zip(per_run["handoffd"], per_run["alone"], strict=True))
-        out.update(rps=rps, p99_ms=p99, ratio=statistics.median(paired),
-                   ratio_min=paired[0], ratio_max=paired[-1], ratio_of_means=rps["handoffd"] / rps["alone"])
+        out["pairs"] = [
+            {
+                "first": "handoffd" if i % 2 == 0 else "alone",
+                "ratio": h / a,
+                "handoffd_rps": h,
+                "alone_rps": a,
+                "handoffd_conns": runs["handoffd"][i].get("connections_per_process"),
+                "alone_conns": runs["alone"][i].get("connections_per_process"),
+            }
+            for i, (h, a) in enumerate(zip(per_run["handoffd"], per_run["alone"], strict=True))
+        ]
+        out.update(
+            rps=rps,
+            p99_ms=p99,
+            ratio=statistics.median(paired),
+            ratio_min=paired[0],
+            ratio_max=paired[-1],
+            ratio_of_means=rps["handoffd"] / rps["alone"],
+        )
     except (KeyError, ZeroDivisionError, statistics.StatisticsError, TypeError) as exc:
         out["error"] = f"incomplete runs: {type(exc).__name__}: {exc}"
     return out
@@ -351,8 +452,12 @@ def requirements() -> list[tuple[str, str, bool]]:
         for req in peer.requires:
             if req.kind == "apt":
                 pkg = req.name
-                ok = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True,
-                                    text=True, check=False).stdout.endswith("installed")
+                ok = subprocess.run(
+                    ["dpkg-query", "-W", "-f=${Status}", pkg],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                ).stdout.endswith("installed")
             else:
                 ok = peer.missing() is None
             items.append((req.kind, req.name, ok))
@@ -388,7 +493,9 @@ def versions() -> dict[str, str]:
         "circus": pkg("circus"),
         "start_server (libserver-starter-perl)": deb("libserver-starter-perl"),
         "go": cmd_version(["go", "version"]) if which("go") else "not installed",
-        "tableflip (golang-github-cloudflare-tableflip-dev)": deb("golang-github-cloudflare-tableflip-dev"),
+        "tableflip (golang-github-cloudflare-tableflip-dev)": deb(
+            "golang-github-cloudflare-tableflip-dev"
+        ),
         "wrk": deb("wrk"),
     }
 
@@ -403,8 +510,13 @@ def machine() -> dict[str, str]:
     mem = "unknown"
     with contextlib.suppress(OSError), open("/proc/meminfo", encoding="utf-8") as f:
         mem = f"{int(f.readline().split()[1]) // 1024 // 1024} GiB"
-    return {"kernel": platform.release(), "cpus": str(os.cpu_count()), "cpu": model, "memory": mem,
-            "os": platform.platform()}
+    return {
+        "kernel": platform.release(),
+        "cpus": str(os.cpu_count()),
+        "cpu": model,
+        "memory": mem,
+        "os": platform.platform(),
+    }
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -419,7 +531,9 @@ def _served(rs: list[dict[str, Any]]) -> str:
         return "n/a"
     if not done:
         return "never"
-    text = f"{statistics.median(done) * 1000:.0f}" + (f" / {max(done) * 1000:.0f}" if len(done) > 1 else "")
+    text = f"{statistics.median(done) * 1000:.0f}" + (
+        f" / {max(done) * 1000:.0f}" if len(done) > 1 else ""
+    )
     if len(done) < len(times):
         text += f" ({len(times) - len(done)} never)"
     return text
@@ -444,8 +558,13 @@ def render_row(r: dict[str, Any]) -> str:
     w, s = r["wrk"], r["strict"]
     if "requests" not in w:
         return f"| {name} | wrk failed: {w.get('error', '?')[:150]} |" + " |" * 9
-    errs = ", ".join(f"{k} {w[k]}" for k in ("connect", "read", "write", "timeout", "status") if w[k]) or "0"
-    fails = str(s["failed"]) + (" (" + ", ".join(f"{k} {v}" for k, v in s["failures"].items()) + ")" if s["failed"] else "")
+    errs = (
+        ", ".join(f"{k} {w[k]}" for k in ("connect", "read", "write", "timeout", "status") if w[k])
+        or "0"
+    )
+    fails = str(s["failed"]) + (
+        " (" + ", ".join(f"{k} {v}" for k, v in s["failures"].items()) + ")" if s["failed"] else ""
+    )
     rps = w["requests"] / (w["duration_us"] / 1e6) if w["duration_us"] else 0
     reloads = r["reloads"]
     return (
@@ -477,7 +596,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"Load on each run: wrk `-t{WRK_THREADS} -c{WRK_CONNECTIONS}` (keep-alive) plus the strict client "
         f"({STRICT_KEEPALIVE} keep-alive + {STRICT_FRESH} connection-per-request threads), all to 127.0.0.1. "
-        "\"failed requests\" is the strict client's count of requests with no complete 200 (it never retries); "
+        '"failed requests" is the strict client\'s count of requests with no complete 200 (it never retries); '
         "wrk's columns are error *events*. Recv-Q peak is the listen queue sampled every "
         f"{SS_INTERVAL * 1000:.0f} ms with `ss -ltn`. Raw figures: bench/results.json.",
         "",
@@ -485,32 +604,51 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
     ]
     for name, info in data["peers"].items():
-        lines.append(f"- **{name}**: {info['summary']}" + (f" — skipped: {info['skipped']}" if info.get("skipped") else ""))
+        lines.append(
+            f"- **{name}**: {info['summary']}"
+            + (f" — skipped: {info['skipped']}" if info.get("skipped") else "")
+        )
     lines.append("")
     for sc in SCENARIOS:
         if sc.key == "steady" or sc.key not in data["scenarios"]:
             continue
         lines += [f"### {sc.title}", "", HEADER]
         for r in data["scenarios"][sc.key]:
-            lines.append(render_row(r) if "n/a" not in r else f"| {r['peer']} | n/a: {r['n/a']} |" + " |" * 9)
+            lines.append(
+                render_row(r) if "n/a" not in r else f"| {r['peer']} | n/a: {r['n/a']} |" + " |" * 9
+            )
         notes = []
         for r in data["scenarios"][sc.key]:
             if r.get("stop_killed"):
-                notes.append(f"- {r['peer']}: still running {STOP_NOTE}, SIGKILLed: {'; '.join(r['stop_killed'])[:300]}")
+                notes.append(
+                    f"- {r['peer']}: still running {STOP_NOTE}, SIGKILLed: {'; '.join(r['stop_killed'])[:300]}"
+                )
             if r.get("stop_error"):
                 notes.append(f"- {r['peer']}: stop failed: {r['stop_error'][:200]}")
-            bad = [x for x in r.get("reloads", []) if x["reported"] in ("error", "failed") and sc.key != "broken"]
+            bad = [
+                x
+                for x in r.get("reloads", [])
+                if x["reported"] in ("error", "failed") and sc.key not in BROKEN
+            ]
             for x in bad[:3]:
-                notes.append(f"- {r['peer']}: {x['kind']} at {x['at_s']} s: {x['reported']}: {x['detail'][:200]}")
+                notes.append(
+                    f"- {r['peer']}: {x['kind']} at {x['at_s']} s: {x['reported']}: {x['detail'][:200]}"
+                )
         if notes:
             lines += ["", "Notes:", "", *notes]
-        if sc.key == "broken":
-            lines += ["", "Responses after the broken reload, by generation (1 = old version kept serving):", ""]
+        if sc.key in BROKEN:
+            lines += [
+                "",
+                "Responses after the broken reload, by generation (1 = old version kept serving):",
+                "",
+            ]
             for r in data["scenarios"][sc.key]:
                 if "responses_after_broken_reload_by_generation" in r:
-                    lines.append(f"- {r['peer']}: {r['responses_after_broken_reload_by_generation']}; "
-                                 f"outcome: {_reported(r['reloads'])} "
-                                 f"({'; '.join(x['detail'] for x in r['reloads'])[:200]})")
+                    lines.append(
+                        f"- {r['peer']}: {r['responses_after_broken_reload_by_generation']}; "
+                        f"outcome: {_reported(r['reloads'])} "
+                        f"({'; '.join(x['detail'] for x in r['reloads'])[:200]})"
+                    )
         lines.append("")
     st = data["scenarios"].get("steady")
     if st:
@@ -528,6 +666,18 @@ def render_markdown(data: dict[str, Any]) -> str:
                 f"{st.get('ratio_of_means', st['ratio']):.3f}). handoffd is not in the data path, so any "
                 "difference is the machine's noise.",
             ]
+            if st.get("pairs"):
+                lines += [
+                    "",
+                    "| pair | first | handoffd req/s | alone req/s | ratio | "
+                    "connections per worker, handoffd / alone |",
+                    "|---|---|---|---|---|---|",
+                ]
+                lines += [
+                    f"| {i + 1} | {p['first']} | {p['handoffd_rps']:,.0f} | {p['alone_rps']:,.0f} | "
+                    f"{p['ratio']:.3f} | {p['handoffd_conns']} / {p['alone_conns']} |"
+                    for i, p in enumerate(st["pairs"])
+                ]
         else:
             lines.append(f"Not measured: {st.get('error') or st.get('skipped')}")
         lines.append("")
@@ -549,14 +699,24 @@ def update_section(path: Path, begin: str, end: str, body: str) -> None:
 
 # -- main -------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="short scenarios (under 3 minutes)")
     parser.add_argument("--peers", nargs="+", help="peer names (default: all)")
     parser.add_argument("--scenarios", nargs="+", choices=[s.key for s in SCENARIOS])
     parser.add_argument("--check", action="store_true", help="list requirements and exit")
-    parser.add_argument("--healthy-seconds", type=float, help="length of scenario 1 (default 10 quick, 60 full)")
-    parser.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md/results.json")
-    parser.add_argument("--steady-rounds", type=int, help="alternating rounds of scenario 5 (default 1 quick, 3 full)")
+    parser.add_argument(
+        "--healthy-seconds", type=float, help="length of scenario 1 (default 10 quick, 60 full)"
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print, do not write RESULTS.md/results.json"
+    )
+    parser.add_argument(
+        "--steady-rounds",
+        type=int,
+        help="alternating rounds of scenario 5 (default 1 quick, 3 full)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS_JSON)
     args = parser.parse_args(argv)
 
@@ -610,9 +770,13 @@ def main(argv: list[str] | None = None) -> int:
             if HandoffdPeer in available:
                 rounds = args.steady_rounds or (1 if args.quick else 3)
                 results["steady"] = run_steady(duration, rounds, workroot)
-                print(f"steady: {json.dumps({k: results['steady'].get(k) for k in ('rps', 'p99_ms', 'ratio', 'error')})}")
+                print(
+                    f"steady: {json.dumps({k: results['steady'].get(k) for k in ('rps', 'p99_ms', 'ratio', 'error')})}"
+                )
             else:
-                results["steady"] = {"skipped": peer_info.get("handoffd", {}).get("skipped", "handoffd not selected")}
+                results["steady"] = {
+                    "skipped": peer_info.get("handoffd", {}).get("skipped", "handoffd not selected")
+                }
             continue
         rows: list[dict[str, Any]] = []
         for p in peers:
@@ -622,6 +786,14 @@ def main(argv: list[str] | None = None) -> int:
             if sc.key == "self" and p.self_upgrade_na:
                 rows.append({"peer": p.name, "n/a": p.self_upgrade_na})
                 continue
+            if sc.app == "gunicorn" and (p.gunicorn_na or which("gunicorn") is None):
+                rows.append(
+                    {
+                        "peer": p.name,
+                        "n/a": p.gunicorn_na or "gunicorn is not installed (pip install gunicorn)",
+                    }
+                )
+                continue
             t = time.monotonic()
             r = run_one(p, sc, duration, workroot)
             rows.append(r)
@@ -630,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = {
         "mode": mode,
-        "command": "python -m bench.compare " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "command": "python -m bench.compare "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "wall_s": time.monotonic() - started,
         "machine": machine(),

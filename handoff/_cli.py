@@ -32,7 +32,7 @@ from ._errors import (
 from ._paths import SUN_PATH_MAX, find_control_socket
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 DEFAULT_CONFIG = Path("/etc/handoffd/handoffd.toml")
 #: How long ``status`` and ``stop`` wait for the daemon's reply (not for the drain after it).
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Zero-downtime reload supervisor: holds your listening sockets and replaces "
         "worker generations without refusing a connection.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def client_options(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG})"
     )
     run.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    # A self-upgrade's check of a new executable (see _handover.run_preflight); not for users.
+    run.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
 
     up = sub.add_parser("upgrade", help="start a new generation and retire the old one")
     client_options(up)
@@ -96,9 +99,80 @@ def _parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="return once the daemon accepted the request"
     )
 
+    metrics = sub.add_parser(
+        "metrics", help="print the metrics in Prometheus' text format (needs [metrics])"
+    )
+    client_options(metrics)
+
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
+
+    completion = sub.add_parser(
+        "completion", help="print the shell completion script (deploy/completions has them)"
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: reads the installed metadata only when asked for it.
+
+    argparse's own ``action="version"`` wants the string when the parser is built, and
+    ``importlib.metadata`` would then load on every command's start.
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        from ._version import version
+
+        print(f"handoffd {version()}")
+        parser.exit()
+
+
+def completion_script(shell: str) -> str:
+    """The completion script for ``shell`` ("bash" or "zsh"), generated from this parser by shtab.
+
+    shtab is imported here only: the other commands never load it (they start as fast as before).
+    ``scripts/completions`` writes the scripts shipped in deploy/completions with it.
+
+    Raises:
+        UsageError: shtab is not installed.
+    """
+    try:
+        import shtab
+    except ImportError:
+        raise UsageError(
+            "shell completion needs shtab, which is not installed: pip install shtab, or use the "
+            "scripts in deploy/completions"
+        ) from None
+    parser = _parser()
+    for action in _all_actions(parser):
+        if action.type is Path:
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    script: str = shtab.complete(parser, shell=shell)
+    return script
+
+
+def _all_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    found = list(parser._actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found += _all_actions(sub)
+    return found
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    sys.stdout.write(completion_script(args.shell))
+    return EXIT_OK
 
 
 def _named_config(args: argparse.Namespace) -> Path | None:
@@ -155,9 +229,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     fmt = args.log_format
     configure_logging(json=None if fmt == "auto" else fmt == "json")
+    loaded = load_config(_config_path(args))
+    if args.preflight:
+        from ._handover import run_preflight
+
+        timeout = loaded.config.supervisor.self_upgrade_timeout
+        trio.run(run_preflight, loaded.path, dict(os.environ), timeout)
+        return EXIT_OK
     from ._startup import run_supervisor
 
-    loaded = load_config(_config_path(args))
     trio.run(run_supervisor, loaded, dict(os.environ))
     return EXIT_OK
 
@@ -199,16 +279,25 @@ def _cmd_upgrade(args: argparse.Namespace) -> int:
 
     request = {"op": "upgrade", "supervisor": args.supervisor, "exec_path": args.exec_path}
     reply = call(path, request, on_event=on_event, timeout=args.timeout)
-    if args.json:
-        _print_json(reply)
-        failed = _exit_for_error(reply)
-    else:
-        failed = _error_reply(reply)
-        if failed is None:
-            _print_outcome(reply)
+    failed = _show(args, reply, _print_outcome)
     if failed is not None:
         return failed
     return EXIT_OK if reply.get("ok") else EXIT_UPGRADE_FAILED
+
+
+def _show(
+    args: argparse.Namespace,
+    reply: dict[str, object],
+    render: Callable[[dict[str, object]], object],
+) -> int | None:
+    """Print ``reply`` as JSON (``--json``) or ``render`` it; the exit code of an error reply."""
+    if args.json:
+        _print_json(reply)
+        return _exit_for_error(reply)
+    failed = _error_reply(reply)
+    if failed is None:
+        render(reply)
+    return failed
 
 
 def _print_outcome(reply: dict[str, object]) -> None:
@@ -273,6 +362,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         extra = f"  restarts={w['restarts']}" if w.get("restarts") else ""
         extra += f"  descendants={w['descendants']}" if w.get("descendants") else ""
         extra += f"  readiness: {w['readiness']}" if w.get("readiness") else ""
+        extra += f"  notify_rejected={w['notify_rejected']}" if w.get("notify_rejected") else ""
         print(
             f"  gen {w['generation']} worker {w['index']}  pid {w['pid'] or '-':<8} {w['state']:<9}{status}{extra}"
         )
@@ -294,6 +384,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"last upgrade: {last['outcome']} (generation {last['generation']}, {last['duration_s']}s){why}"
         )
     return serving
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    """The daemon's text exposition, as its ``GET /metrics`` serves it (the daemon renders it:
+    this client stays free of prometheus-client)."""
+    path = _socket_path(args)
+    reply = call(path, {"op": "metrics"}, timeout=STATUS_TIMEOUT)
+    failed = _show(args, reply, lambda r: sys.stdout.write(str(r.get("text", ""))))
+    return EXIT_OK if failed is None else failed
 
 
 def _cmd_stop(args: argparse.Namespace) -> int:
@@ -328,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "upgrade": _cmd_upgrade,
         "status": _cmd_status,
         "stop": _cmd_stop,
+        "metrics": _cmd_metrics,
+        "completion": _cmd_completion,
     }
     try:
         return handlers[args.command](args)

@@ -22,6 +22,7 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 from ._errors import DaemonUnreachableError, GaveUpWaitingError, ProtocolError
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -60,7 +61,7 @@ def call(
         ProtocolError: the daemon answered something that is not a reply.
     """
     op = request.get("op", "request")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC)
     try:
         _connect(sock, path, CONNECT_TIMEOUT if timeout is None else timeout)
         sock.settimeout(timeout)

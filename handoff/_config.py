@@ -13,6 +13,7 @@ Design notes:
 from __future__ import annotations
 
 import grp
+import importlib.util
 import pwd
 import re
 import resource
@@ -51,6 +52,9 @@ _READY_MODES: Final = frozenset({"auto", "accepting", "notify"})
 # The longest canary hold accepted: a hold keeps two generations (twice the memory) serving and
 # blocks every other upgrade; ten minutes is already a deploy strategy, not a canary.
 HOLD_MAX: Final = 600.0
+# The longest stop_delay accepted: a load balancer's health checks notice a 503 within a few
+# intervals (seconds); past ten minutes a stop is more likely to be killed than delayed.
+STOP_DELAY_MAX: Final = 600.0
 
 # Names travel in LISTEN_FDNAMES, which is ':'-separated and limited to 255 bytes per name
 # (sd_listen_fds_with_names(3)); a name is also used as FDNAME= in the systemd fd store.
@@ -95,6 +99,50 @@ class SupervisorConfig(_Model):
     # How long the old supervisor waits for its successor to take over during a self-upgrade
     # (``handoffd upgrade --self``) before it kills it and carries on.
     self_upgrade_timeout: _PositiveSeconds = 30.0
+    # How ``upgrade --self`` replaces the supervisor. "in-place": it re-executes itself and keeps
+    # its pid (whatever started handoffd keeps waiting on the same process); "new-pid": a new
+    # process takes over and tells systemd MAINPID= (only systemd follows that, or a manager
+    # that re-reads pid_file); "auto": new-pid under systemd (NOTIFY_SOCKET set), else in-place.
+    self_upgrade: Literal["auto", "in-place", "new-pid"] = "auto"
+    # Seconds between a stop (SIGTERM, ``handoffd stop``) and the first stop signal to a worker,
+    # during which ``/readyz`` answers 503: a load balancer takes this instance out first.
+    stop_delay: Annotated[float, Field(ge=0, le=STOP_DELAY_MAX, allow_inf_nan=False)] = 0.0
+
+
+@final
+class MetricsConfig(_Model):
+    """``[metrics]``: the HTTP listener for ``/metrics``, ``/healthz`` and ``/readyz``.
+
+    Absent: no listener, and prometheus-client is never imported. Opened at start only: a
+    change takes effect with ``handoffd upgrade --self`` or a restart.
+    """
+
+    address: str = "127.0.0.1:9464"
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        parsed = parse_address(value)
+        if parsed.kind != "tcp" or value.startswith("tcp://"):
+            raise ValueError(
+                'expected host:port or [v6]:port such as "127.0.0.1:9464" (the metrics '
+                "listener is plain TCP, for Prometheus and load balancers)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _library_installed(self) -> MetricsConfig:
+        # find_spec locates the package without importing it: a config check stays cheap.
+        if importlib.util.find_spec("prometheus_client") is None:
+            raise ValueError(
+                "[metrics] needs prometheus-client, which is not installed for this handoffd; "
+                "install the extra (pip install 'handoffd[metrics]') or remove [metrics]"
+            )
+        return self
+
+    @property
+    def parsed_address(self) -> Address:
+        return parse_address(self.address)
 
 
 @final
@@ -161,6 +209,10 @@ class ProgramConfig(_Model):
     stop_signal: str = "SIGTERM"
     drain_timeout: _Seconds = 30.0
     fd_delivery: FdDelivery = "listen_fds"
+    # How an upgrade replaces the workers: all at once (twice the workers for the hold), or
+    # ``max_surge`` at a time (never more than processes + max_surge worker trees).
+    strategy: Literal["all-at-once", "rolling"] = "all-at-once"
+    max_surge: int = Field(default=1, ge=1, le=1024)
     env: dict[str, str] = Field(default_factory=dict)
     # ``cwd`` is read as its old name (see ``_rename_cwd``).
     working_dir: Path | None = Field(default=None, strict=False)
@@ -448,6 +500,7 @@ class Config(_Model):
     supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
     listener: list[ListenerConfig] = Field(default_factory=list)
     program: ProgramConfig
+    metrics: MetricsConfig | None = None
 
     @field_validator("listener")
     @classmethod

@@ -50,7 +50,9 @@ import trio
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from . import _client
+from ._peercred import peer_uid
 from ._phases import Phase, WorkerState  # noqa: TC001  pydantic resolves them at run time
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
@@ -107,8 +109,14 @@ class StopRequest(_Wire):
     op: Literal["stop"] = "stop"
 
 
-Request = Annotated[StatusRequest | UpgradeRequest | StopRequest, Field(discriminator="op")]
-_request_adapter: TypeAdapter[StatusRequest | UpgradeRequest | StopRequest] = TypeAdapter(Request)
+class MetricsRequest(_Wire):
+    v: Literal[1] = 1
+    op: Literal["metrics"] = "metrics"
+
+
+_AnyRequest = StatusRequest | UpgradeRequest | StopRequest | MetricsRequest
+Request = Annotated[_AnyRequest, Field(discriminator="op")]
+_request_adapter: TypeAdapter[_AnyRequest] = TypeAdapter(Request)
 
 
 class WorkerInfo(_Wire):
@@ -123,6 +131,8 @@ class WorkerInfo(_Wire):
     descendants: list[int] = Field(default_factory=list)
     #: How its readiness is decided when that is not its mode's usual way (a fallback).
     readiness: str | None = None
+    #: Notify datagrams refused: their sender was not in the worker's process tree.
+    notify_rejected: int = 0
 
 
 class GenerationInfo(_Wire):
@@ -182,11 +192,20 @@ class StatusInfo(_Wire):
     #: Why not, when ``serving`` is false (``handoffd status`` then exits 4).
     not_serving: str | None = None
     generations: list[GenerationInfo] = Field(default_factory=list)
+    #: What this platform lacks, "what: why" (see _platform.degradations); empty on new Linux.
+    degraded: list[str] = Field(default_factory=list)
 
 
 class StopReply(_Wire):
     ok: bool = True
     op: Literal["stop"] = "stop"
+
+
+class MetricsReply(_Wire):
+    ok: bool = True
+    op: Literal["metrics"] = "metrics"
+    #: The Prometheus text exposition, as ``GET /metrics`` serves it.
+    text: str
 
 
 class ErrorDetail(_Wire):
@@ -232,6 +251,9 @@ class ControlHandler(Protocol):
 
     def stop(self) -> None: ...
 
+    def metrics_text(self) -> str | None:
+        """The Prometheus text exposition, or None when ``[metrics]`` is not configured."""
+
 
 def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
     """Bind the control socket at ``path`` atomically (bind a temp name, chmod, rename).
@@ -241,7 +263,7 @@ def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     temp = path.with_name(f".{path.name}.{os.getpid()}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -253,12 +275,6 @@ def bind_control_socket(path: Path, mode: int = 0o600) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def peer_uid(sock: trio.socket.SocketType) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 # accept(2) errors about the one connection being accepted (it went away first): take the next
@@ -352,6 +368,9 @@ class _Slots:
     def release(self, slot: _Slot) -> None:
         self._live.discard(slot)
         self._change()
+
+    def count(self) -> int:
+        return len(self._live)
 
     def _victim(self, now: float) -> tuple[_Slot | None, float]:
         """The evictable slot idle the longest, and when another one may become evictable."""
@@ -461,7 +480,7 @@ async def serve_control(
     allowed_uids: AbstractSet[int],
     *,
     idle_timeout: float | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[Callable[[], int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept control connections until cancelled; each connection runs in its own task.
 
@@ -474,7 +493,8 @@ async def serve_control(
         handler: the supervisor.
         allowed_uids: the uids (SO_PEERCRED) that may send requests.
         idle_timeout: see IDLE_TIMEOUT; by default from ``$HANDOFF_CONTROL_IDLE_TIMEOUT``.
-        task_status: started once connections are accepted.
+        task_status: started once connections are accepted, with a function counting the
+            connections being served (for the metrics).
     """
     server = _Server(
         handler,
@@ -483,7 +503,7 @@ async def serve_control(
     )
     sock = trio.socket.from_stdlib_socket(listener)
     async with trio.open_nursery() as nursery:
-        task_status.started()
+        task_status.started(server.slots.count)
         while True:
             try:
                 conn, _ = await sock.accept()
@@ -655,6 +675,19 @@ async def _dispatch(line: bytes, peer: _Peer, handler: ControlHandler, *, may_ex
         return
     if isinstance(request, StatusRequest):
         await peer.send(handler.status().model_dump_json().encode() + b"\n")
+    elif isinstance(request, MetricsRequest):
+        text = handler.metrics_text()
+        if text is None:
+            await peer.send(
+                error_line(
+                    "metrics_disabled",
+                    "this handoffd has no [metrics] section in its config: add one (address = "
+                    '"127.0.0.1:9464"), install handoffd[metrics], then run `handoffd upgrade '
+                    "--self` or restart it",
+                )
+            )
+        else:
+            await peer.send(MetricsReply(text=text).model_dump_json().encode() + b"\n")
     elif isinstance(request, StopRequest):
         await peer.send(StopReply().model_dump_json().encode() + b"\n")
         handler.stop()
@@ -696,7 +729,7 @@ async def _serve_upgrade(request: UpgradeRequest, peer: _Peer, handler: ControlH
 
 def call(
     path: Path,
-    request: StatusRequest | UpgradeRequest | StopRequest,
+    request: _AnyRequest,
     *,
     on_event: Callable[[dict[str, object]], None] | None = None,
     timeout: float | None = None,

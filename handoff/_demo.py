@@ -300,6 +300,19 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
+# Linux only (see _CAN_HAND_OVER); guarded so the demo type-checks for macOS too.
+def _pidfd_open(pid: int) -> int:
+    if sys.platform == "linux":
+        return os.pidfd_open(pid)
+    raise ProcessLookupError(f"no pidfds on {sys.platform}")
+
+
+def _memfd_create(name: str) -> int:
+    if sys.platform == "linux":
+        return os.memfd_create(name, os.MFD_CLOEXEC)
+    raise OSError(f"no memfd_create on {sys.platform}")
+
+
 def _lock_holder(fd: int) -> int:
     """The pid of the process holding the lock on byte 0 of ``fd`` (fcntl(2) F_GETLK), or 0."""
     query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
@@ -319,7 +332,7 @@ async def _wait_for_lock(fd: int, state: _DemoState) -> bool:
         if saved.get("pid") == holder and saved.get("generation") == state.generation:
             return False
         try:
-            pidfd = os.pidfd_open(holder)
+            pidfd = _pidfd_open(holder)
         except ProcessLookupError:
             continue
         try:
@@ -419,7 +432,7 @@ async def _accept_tickers(
         conn = await _accept(listener)
         ticker = _Ticker(sock=conn)
         if _CAN_HAND_OVER:
-            ticker.state_fd = os.memfd_create("handoff-demo-ticker", os.MFD_CLOEXEC)
+            ticker.state_fd = _memfd_create("handoff-demo-ticker")
             _try_lock(ticker.state_fd)  # a new file: nobody else can hold it
             _write_state(ticker, state)
             name = TICKER_PREFIX + uuid.uuid4().hex

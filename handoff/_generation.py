@@ -34,12 +34,17 @@ Design notes:
   drain_timeout ends with SIGKILL to every group.
 - Readiness is attributed by socket: every worker has its own ``NOTIFY_SOCKET`` path, and a new
   one for each restart, so a late datagram from a dead worker can never mark its successor ready.
+  And by sender: only a datagram from the worker's own tree is applied (``_notify_access``); any
+  other is refused (its fds closed), counted per worker (``notify_rejected`` in ``status``) and
+  logged as ``notify.rejected`` at most once per ``_REJECTED_LOG_INTERVAL`` per worker, with how
+  many were held back.
 - Self-upgrade (see ``_handover``): ``freeze()`` stops a generation from reading its workers'
-  notify sockets and from starting workers, and returns once no datagram can be applied any more,
-  so that the state handed to the successor cannot change under it; ``thaw()`` undoes it when the
-  handover fails. ``hand_over()`` (after the successor is in charge) makes the tasks let go of
-  everything without killing a worker or unlinking a notify socket, when the old supervisor's
-  nursery is cancelled. ``run_adopted_generation`` is the successor's side: the same generation,
+  notify sockets, and returns once no datagram can be applied any more (the datagrams wait in
+  the sockets for the successor). Crashed workers are still seen and restarted meanwhile:
+  supervision never stops for a handover. ``hand_over()`` (when the commit is taken) stops
+  every spawn, so the commit's snapshot stays true, and makes the tasks let go of everything
+  without killing a worker or unlinking a notify socket when the old supervisor's nursery is
+  cancelled. ``thaw()`` undoes both when the handover fails. ``run_adopted_generation`` is the successor's side: the same generation,
   its workers watched through the pidfds handed over (they are not its children, so their exit
   status is unknown), restarted as normal children when they crash, drained like any other.
 """
@@ -51,7 +56,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import structlog
 import trio
@@ -62,12 +67,12 @@ from ._fdname import valid_fdname
 from ._listeners import restore_flags, revive_dead
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._output import OUTPUT_FLUSH, OutputPipe, open_output_pipes, pump_output, take_read_ends
-from ._processes import REAP_TIMEOUT_S, kill_and_reap
+from ._processes import REAP_TIMEOUT_S, WorkerSettings, kill_and_reap
 from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
-from ._spawn import DEFAULT_SPAWNER, WorkerSettings, describe_exit
+from ._spawn import DEFAULT_SPAWNER, describe_exit
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import ProgramConfig
@@ -81,6 +86,9 @@ log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 
 _spawn_sequence = itertools.count(1)
+# At most one notify.rejected line per worker this often: a same-uid process could send refused
+# datagrams in a loop, and each would otherwise write a log line.
+_REJECTED_LOG_INTERVAL: Final = 10.0
 # The longest STATUS= text kept per worker (one line for `handoffd status`).
 _STATUS_MAX: Final = 1024
 # The most fds workers may park at once (systemd's FileDescriptorStoreMax= plays the same role).
@@ -172,6 +180,19 @@ class ParkedFds:
         self._name_bytes = 0
 
 
+class WorkerCounters(Protocol):
+    """What generations report about their workers (``_metrics.Metrics``)."""
+
+    def generation_created(self) -> None:
+        """A generation is being spawned (never called for an adopted one)."""
+
+    def worker_exited(self, proc: ProcessHandle | None) -> None:
+        """A worker process ended (``proc``), or one could not be started (None)."""
+
+    def worker_restarted(self) -> None:
+        """A crashed worker is being restarted."""
+
+
 @final
 @dataclass(frozen=True)
 class GenerationSpec:
@@ -195,6 +216,10 @@ class GenerationSpec:
     probe: ReadinessProbe = probe_proc
     #: Makes the notify dir reachable by workers of another uid (``program.user``).
     open_notify_dir: Callable[[], None] = lambda: None
+    #: Where worker exits and restarts are counted, if anywhere.
+    counters: WorkerCounters | None = None
+    #: Called once a worker process is in a slot (spawned or adopted), its notify socket set.
+    on_spawned: Callable[[], None] = lambda: None
 
 
 @final
@@ -209,6 +234,8 @@ class WorkerSlot:
     restarts: int = 0
     last_exit: str | None = None
     ever_ready: bool = False
+    # Replaced by a rolling upgrade: no worker until the generation recalls it.
+    retired: bool = False
     exited: trio.Event = field(default_factory=trio.Event)
     # What the running worker has shown so far (reset at each spawn; see the module notes).
     notified: bool = False
@@ -225,6 +252,11 @@ class WorkerSlot:
     #: output = "log": the read ends the running worker's pumps hold (a self-upgrade hands
     #: them over, or the worker would get EPIPE once we exit).
     outputs: dict[Stream, int] = field(default_factory=dict, repr=False)
+    #: Notify datagrams refused because their sender was not in the worker's tree (all spawns).
+    notify_rejected: int = 0
+    #: When ``notify.rejected`` was last logged (trio clock), and how many were refused since.
+    rejected_logged_at: float | None = None
+    rejected_unlogged: int = 0
 
 
 @final
@@ -275,6 +307,8 @@ class Generation:
         # trio.current_time() by which a drain SIGKILLs what is left (set once draining).
         self.drain_deadline: float | None = None
         self.handed_over = False
+        # Not None while handed over; set (and dropped) by thaw(): spawns wait for it.
+        self._taken_back: trio.Event | None = None
         self._settled = trio.Event()
         self._drain_requested = trio.Event()
         # Not None while frozen; set (and dropped) by thaw().
@@ -296,6 +330,12 @@ class Generation:
         # _output), and one Event per pump, set at its EOF.
         self._nursery: trio.Nursery | None = None
         self._pumps_done: list[trio.Event] = []
+        # A rolling upgrade (``_rolling``): slots at or above ``enabled`` start no worker yet;
+        # a ``retired`` slot of the old generation stops its worker and waits to be recalled.
+        self.enabled = len(self.slots)
+        self._enabled = trio.Event()
+        self._recalled = trio.Event()
+        self._changed = trio.Event()
 
     def request_drain(self) -> None:
         """Ask the generation to stop (stop_signal, drain_timeout, then SIGKILL)."""
@@ -307,7 +347,7 @@ class Generation:
         return self.draining
 
     async def freeze(self) -> None:
-        """Stop reading notify sockets and starting workers until ``thaw()``.
+        """Stop reading notify sockets until ``thaw()`` (crash restarts go on).
 
         Returns once every notify pump has stopped: from then on nothing a worker sends changes
         this generation (datagrams wait in the sockets, for whoever reads them next).
@@ -323,19 +363,28 @@ class Generation:
         await self._pumps_idle.wait()
 
     def thaw(self) -> None:
-        """Undo ``freeze()``: the handover failed and this supervisor carries on."""
-        if self._thawed is not None:
-            self._thawed.set()
-            self._thawed = None
+        """Undo ``freeze()`` and ``hand_over()``: the handover failed and we carry on."""
+        self.handed_over = False
+        for event in (self._thawed, self._taken_back):
+            if event is not None:
+                event.set()
+        self._thawed = self._taken_back = None
 
     def hand_over(self) -> None:
-        """A successor owns the workers now: when cancelled, let go without killing them."""
+        """A successor owns the workers now: spawn nothing more, and when cancelled, let go
+        without killing them."""
         self.handed_over = True
+        if self._taken_back is None:
+            self._taken_back = trio.Event()
 
     async def _wait_thawed(self) -> None:
         # A loop, not one wait: a thaw followed at once by another freeze must keep us waiting.
         while self._thawed is not None:
             await self._thawed.wait()
+
+    async def _wait_taken_back(self) -> None:
+        while self._taken_back is not None:
+            await self._taken_back.wait()
 
     def begin_hold(self, seconds: float) -> None:
         """Both generations serve now: a worker exit or a lost listener fails the hold."""
@@ -413,6 +462,50 @@ class Generation:
             if s.process is not None and s.process.returncode is None
         ]
 
+    def enable(self, count: int) -> None:
+        """Let the first ``count`` slots start their workers (a rolling upgrade's next batch)."""
+        self.enabled = count
+        self._enabled.set()
+        self._enabled = trio.Event()
+
+    def batch_ready(self) -> bool:
+        """Whether every enabled slot has been ready (the whole generation, outside rolling)."""
+        return all(s.ever_ready for s in self.slots[: self.enabled])
+
+    async def wait_changed(self) -> None:
+        """Until a slot becomes ready or the generation fails."""
+        await self._changed.wait()
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def retire(self, slot: WorkerSlot) -> None:
+        """Stop ``slot``'s worker tree like a drain (stop signal, drain_timeout, SIGKILL) and
+        keep the slot empty until ``recall()``: a rolling upgrade replaced it."""
+        slot.retired = True
+        proc = slot.process
+        if proc is None or proc.returncode is not None:
+            return
+        slot.state = "draining"
+        proc.signal_group(self.spec.program.stop_signum)
+        with trio.move_on_after(self.spec.program.drain_timeout) as timer:
+            await slot.exited.wait()
+            await proc.wait_group_exited()
+        if timer.cancelled_caught:
+            log.warning("worker.drain_timed_out", pid=proc.pid, hint="killed with SIGKILL")
+            proc.signal_group(signal.SIGKILL)
+            with trio.move_on_after(REAP_TIMEOUT_S):
+                await slot.exited.wait()
+                await proc.wait_group_exited()
+
+    def recall(self) -> None:
+        """Undo ``retire`` for every slot: a rolling upgrade failed, the old workers return."""
+        for slot in self.slots:
+            slot.retired = False
+        self._recalled.set()
+        self._recalled = trio.Event()
+
     def _mark_ready(self, slot: WorkerSlot) -> None:
         if self.draining:
             return
@@ -420,7 +513,9 @@ class Generation:
         slot.ever_ready = True
         if all(s.ever_ready for s in self.slots):
             self.ready.set()
+        if self.batch_ready():
             self._settled.set()
+        self._pulse()
 
     def abort(self, reason: str) -> None:
         """Give up on a generation that is not ready yet; it is drained and start() fails."""
@@ -431,6 +526,7 @@ class Generation:
         if self.failure is None:
             self.failure = reason
         self._settled.set()
+        self._pulse()
 
 
 async def run_generation(
@@ -618,13 +714,14 @@ async def _drain(
         stuck = sorted({pid for proc in gen.spawned for pid in proc.group_roots()})
         for proc in gen.spawned:
             proc.signal_group(signal.SIGKILL)
-        log.warning(
-            "generation.drain_timed_out",
-            drain_timeout=program.drain_timeout,
-            waited_s=round(timeout, 3),
-            killed=stuck,
-            hint="workers ignored the stop signal; they were killed with SIGKILL",
-        )
+        if stuck:  # a deadline that found nobody left kills nobody: no SIGKILL line
+            log.warning(
+                "generation.drain_timed_out",
+                drain_timeout=program.drain_timeout,
+                waited_s=round(timeout, 3),
+                killed=stuck,
+                hint="workers ignored the stop signal; they were killed with SIGKILL",
+            )
         with trio.CancelScope(shield=True), trio.move_on_after(REAP_TIMEOUT_S):
             await _wait_trees(gen, live)
 
@@ -648,7 +745,8 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 adopted = False
                 code = await _watch_adopted_worker(gen, slot)
             else:
-                await gen._wait_thawed()  # a frozen generation starts no worker
+                await gen._wait_taken_back()  # a handed-over generation starts no worker
+                await _wait_enabled(gen, slot)
                 if gen.is_draining():
                     break
                 code = await _run_one_worker(gen, slot)
@@ -657,6 +755,8 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
             slot.status = None
             if gen.is_draining():
                 break
+            if slot.retired:
+                continue  # replaced by a rolling upgrade; _wait_enabled holds it until recalled
             if not gen.ready.is_set():
                 gen._fail(f"worker {slot.index} {slot.last_exit} before it was ready")
                 break
@@ -668,6 +768,8 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
                 break
             slot.state = "backoff"
             slot.restarts += 1
+            if spec.counters is not None:
+                spec.counters.worker_restarted()
             if trio.current_time() - started_at > spec.backoff_max:
                 backoff = spec.backoff_initial
             log.warning(
@@ -679,6 +781,21 @@ async def _run_slot(gen: Generation, slot: WorkerSlot, adopted: bool = False) ->
             await trio.sleep(backoff)
             backoff = min(backoff * 2, spec.backoff_max)
         slot.state = "exited"
+
+
+async def _wait_enabled(gen: Generation, slot: WorkerSlot) -> None:
+    """A slot of a rolling upgrade waits for its batch; a retired one for a recall."""
+    while (slot.index >= gen.enabled or slot.retired) and not gen.is_draining():
+        slot.state = "exited" if slot.retired else "starting"
+        waits = [gen._enabled.wait, gen._recalled.wait, gen._drain_requested.wait]
+        async with trio.open_nursery() as nursery:
+            for wait in waits:
+                nursery.start_soon(_then_cancel, wait, nursery.cancel_scope)
+
+
+async def _then_cancel(wait: Callable[[], Awaitable[object]], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def _run_one_worker(gen: Generation, slot: WorkerSlot) -> int | None:
@@ -746,7 +863,8 @@ async def _watch_adopted_worker(gen: Generation, slot: WorkerSlot) -> int | None
     proc, receiver = slot.process, slot.notify
     assert proc is not None
     assert receiver is not None
-    slot.exited = trio.Event()
+    # slot.exited is the slot's first Event, never replaced here: a drain that started before
+    # this task ran already waits on it.
     return await _supervise_worker(gen, slot, proc, receiver, slot.channel, deliver=False)
 
 
@@ -765,11 +883,12 @@ async def _supervise_worker(
     """
     slot.notify, slot.channel = receiver, channel
     gen._track(proc)
+    gen.spec.on_spawned()
     program = gen.spec.program
     try:
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_notify, gen, slot, receiver)
+                nursery.start_soon(_pump_notify, gen, slot, proc, receiver)
                 if channel is not None and deliver:
                     nursery.start_soon(_put_fds, gen.spec, gen.parked, channel)
                 delay = program.ready_delay
@@ -792,6 +911,8 @@ async def _supervise_worker(
                 slot.exited.set()
             if proc.returncode is not None:
                 log.info("worker.exited", pid=proc.pid, reason=_exit_reason(proc))
+                if gen.spec.counters is not None:
+                    gen.spec.counters.worker_exited(proc)
             elif gen.handed_over:
                 proc.close()
         if not proc.is_child:
@@ -980,14 +1101,12 @@ async def _observe_worker(gen: Generation, slot: WorkerSlot) -> None:
         what = f"worker {slot.index} of generation {gen.number}"
         if check.verdict == "unobservable":
             continue
+        # Only holding no listener fails the hold: a busy event loop shows no armed epoll entry
+        # (trio and others register with EPOLLONESHOT and re-arm after each accept), and a busy
+        # sync worker is not in accept; neither has stopped serving.
         if not check.holders:
             gen.lose_hold(
                 f"{what} no longer holds any listener during the hold ({gen.hold_elapsed()})"
-            )
-        elif slot.epoll_ready and not check.epoll and not check.waiting_now:
-            gen.lose_hold(
-                f"{what} stopped waiting on its listeners (no epoll registration left) during "
-                f"the hold ({gen.hold_elapsed()})"
             )
 
 
@@ -1028,7 +1147,9 @@ def _fall_back(gen: Generation, slot: WorkerSlot, reason: str) -> None:
     _update_ready(gen, slot)
 
 
-async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiver) -> None:
+async def _pump_notify(
+    gen: Generation, slot: WorkerSlot, proc: ProcessHandle, receiver: NotifyReceiver
+) -> None:
     while True:
         await gen._wait_thawed()
         # freeze() cancels this scope and waits for the pump to leave it: a datagram already
@@ -1037,12 +1158,43 @@ async def _pump_notify(gen: Generation, slot: WorkerSlot, receiver: NotifyReceiv
             gen._pumps.add(scope)
             try:
                 while True:
-                    message = await receiver.receive()
-                    _apply_notify(gen, slot, message)
+                    message = await receiver.receive(proc.attribute)
+                    if message.accepted:
+                        _apply_notify(gen, slot, message)
+                    else:
+                        _reject_notify(slot, proc, message)
             finally:
                 gen._pumps.discard(scope)
                 if not gen._pumps:
                     gen._pumps_idle.set()
+
+
+def _reject_notify(slot: WorkerSlot, proc: ProcessHandle, message: NotifyMessage) -> None:
+    """Never act on a datagram from outside the worker's tree: count it, log it (rate-limited)."""
+    close_fds(message.fds)
+    slot.notify_rejected += 1
+    now = trio.current_time()
+    last = slot.rejected_logged_at
+    if last is not None and now - last < _REJECTED_LOG_INTERVAL:
+        slot.rejected_unlogged += 1
+        return
+    sender = message.sender
+    log.warning(
+        "notify.rejected",
+        pid=proc.pid,
+        sender_pid=sender.pid if sender is not None else None,
+        sender_uid=sender.uid if sender is not None else None,
+        # The keys only, few and short: the sender chose them, and values may be secrets.
+        keys=sorted(key[:32] for key in message.fields)[:8],
+        fds_closed=len(message.fds),
+        reason=message.attribution.reason if message.attribution else "no judgement",
+        rejected=slot.notify_rejected,
+        held_back=slot.rejected_unlogged,
+        hint="only the worker's own process tree may notify for it (see NotifyAccess); "
+        "another process of its uid wrote to its NOTIFY_SOCKET",
+    )
+    slot.rejected_logged_at = now
+    slot.rejected_unlogged = 0
 
 
 def _apply_notify(gen: Generation, slot: WorkerSlot, message: NotifyMessage) -> None:

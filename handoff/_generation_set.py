@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from ._config import ProgramConfig, SupervisorConfig
-    from ._generation import ParkedFds
+    from ._generation import ParkedFds, WorkerCounters
     from ._handover import AdoptedGeneration
     from ._listeners import Listener
     from ._processes import Spawner
@@ -53,8 +53,10 @@ class GenerationSet:
         spawner: Spawner,
         on_drained: Callable[[], None],
         probe: ReadinessProbe = probe_proc,
+        counters: WorkerCounters | None = None,
     ) -> None:
         self.parked = parked
+        self.counters = counters
         self.notify_dir = notify_dir
         #: Set by the start-up: lets workers of another uid reach the notify dir.
         self.open_notify_dir: Callable[[], None] = lambda: None
@@ -67,8 +69,12 @@ class GenerationSet:
         # aborts it gracefully.
         self.starting: Generation | None = None
         self.holding: Generation | None = None
+        self.rolling: Generation | None = None
         self.next_number = 1
         self._on_drained = on_drained
+        #: Called when what is supervised changed: a worker spawned or adopted, a generation
+        #: promoted, adopted or drained (``_custody`` keeps its record current with it).
+        self.on_change: Callable[[], None] = lambda: None
 
     def all(self) -> list[Generation]:
         """The live generations: the current one first, then those still draining."""
@@ -84,17 +90,26 @@ class GenerationSet:
         supervisor: SupervisorConfig,
         fdset: Sequence[tuple[str, Listener]],
         on_created: Callable[[Generation], None],
+        enabled: int | None = None,
     ) -> Generation:
         """Start the next generation in ``nursery`` and return it once every worker is ready.
+
+        ``enabled``: start only that many slots (a rolling upgrade's first batch); the
+        generation stays ``rolling`` (a stop aborts it) until it is promoted or discarded.
 
         Raises:
             SpawnError: it could not become ready (it has been stopped like a drain).
         """
         spec = self._spec(self.next_number, program, supervisor, fdset)
         self.next_number += 1
+        if self.counters is not None:
+            self.counters.generation_created()
 
         def created(gen: Generation) -> None:
             self.starting = gen
+            if enabled is not None:
+                gen.enabled = enabled
+                self.rolling = gen
             on_created(gen)
 
         try:
@@ -117,8 +132,9 @@ class GenerationSet:
 
     def abort_new(self, reason: str) -> None:
         """Give up on the generation starting or holding (a stop): it drains, N is untouched."""
-        if self.starting is not None:
-            self.starting.abort(reason)
+        for gen in (self.starting, self.rolling):
+            if gen is not None:
+                gen.abort(reason)
         if self.holding is not None:
             self.holding.lose_hold(reason)
 
@@ -148,6 +164,8 @@ class GenerationSet:
 
     def discard(self, gen: Generation) -> None:
         """Stop a generation that started but will not serve (its hold failed): it drains."""
+        if self.rolling is gen:
+            self.rolling = None
         if gen is not self.current and gen not in self.draining:
             self.draining.append(gen)
         gen.request_drain()
@@ -162,9 +180,12 @@ class GenerationSet:
     def promote(self, gen: Generation) -> Generation | None:
         """Make ``gen`` current; the previous current one drains. Returns that one."""
         old, self.current = self.current, gen
+        if self.rolling is gen:
+            self.rolling = None
         if old is not None:
             self.draining.append(old)
             old.request_drain()
+        self.on_change()
         return old
 
     async def adopt(
@@ -194,6 +215,7 @@ class GenerationSet:
                 self.current = gen
             else:
                 self.draining.append(gen)
+            self.on_change()
 
     def live_workers(self) -> int:
         """Worker processes alive in any generation, including one starting or holding."""
@@ -220,7 +242,6 @@ class GenerationSet:
     def thaw(self, gens: Sequence[Generation]) -> None:
         """A handover failed: ``gens`` are ours again (supervised, notify sockets read)."""
         for gen in gens:
-            gen.handed_over = False
             gen.thaw()
 
     def kill_all(self) -> None:
@@ -236,6 +257,7 @@ class GenerationSet:
             self.draining.remove(gen)
             log.info("generation.drained", generation=gen.number)
             self._on_drained()
+            self.on_change()
 
     def _spec(
         self,
@@ -264,6 +286,8 @@ class GenerationSet:
             probe=self.probe,
             live_workers=self.live_workers,
             open_notify_dir=self.open_notify_dir,
+            counters=self.counters,
+            on_spawned=lambda: self.on_change(),
         )
 
 

@@ -31,7 +31,7 @@ from ._listen_fds import InheritedFd, parse_listen_fds
 from ._listeners import Listener, adopt_inherited, bind_listener
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from ._config import ListenerConfig, LoadedConfig
     from ._generation import Generation
@@ -200,15 +200,18 @@ class HeldListeners:
         """Make every held listener someone shut down listen again; the names that cannot."""
         return [li.name for li in self.by_name.values() if not li.revive()]
 
-    async def guard(self, until: trio.Event) -> None:
+    async def guard(self, until: trio.Event, on_check: Callable[[], object] | None = None) -> None:
         """Check the listeners every ``GUARD_INTERVAL_S`` until ``until`` is set.
 
         Runs while a generation starts, holds or drains: those are the moments a worker's
         shutdown(2) of its inherited listener would turn an upgrade into an outage. Polling,
-        because the kernel offers no event for it; an idle supervisor runs none.
+        because the kernel offers no event for it; an idle supervisor runs none. ``on_check``
+        runs at each check too (the metrics' accept-queue sampling rides on this one poll).
         """
         while True:
             self.revive_dead()
+            if on_check is not None:
+                on_check()
             if until.is_set():
                 return  # after one last check: the fault often comes with a worker's exit
             with trio.move_on_after(GUARD_INTERVAL_S):
@@ -226,8 +229,12 @@ def open_listeners(
     environ: Mapping[str, str],
     systemd: SystemdNotifier | None = None,
     launchd: LaunchdLibrary | None = None,
+    taken: Mapping[str, Listener] | None = None,
 ) -> dict[str, Listener]:
     """Inherit what the service manager passed (by name, then by address), bind the rest.
+
+    ``taken`` are listeners already held by name (taken back from orphans, ``_custody``); this
+    owns them from the call on: what an inherited fd of the same name shadows is closed.
 
     systemd's LISTEN_FDS come first; without them, on macOS, launchd is asked for a socket
     named like each listener (``launchd`` injects its library, for tests on Linux).
@@ -257,17 +264,23 @@ def open_listeners(
             if systemd is not None:
                 systemd.remove_fd(item.name)
     result: dict[str, Listener] = {}
+    taken = dict(taken or {})
     with ExitStack() as cleanup_on_fail:
-        for li in claimed.values():
+        for li in [*claimed.values(), *taken.values()]:
             cleanup_on_fail.callback(li.close)
         for lc in config.listener:
             if lc.name in claimed:
                 result[lc.name] = claimed[lc.name]
                 continue
+            if lc.name in taken:
+                result[lc.name] = taken.pop(lc.name)
+                continue
             listener = bind_listener(lc)
             cleanup_on_fail.callback(listener.close)
             result[lc.name] = listener
         cleanup_on_fail.pop_all()
+    for li in taken.values():  # shadowed by what the service manager passed
+        li.close()
     return result
 
 

@@ -40,6 +40,7 @@ import structlog
 
 from ._errors import ListenerError
 from ._match import KIND_TYPES, address_matches
+from ._platform import SOCK_CLOEXEC
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -65,7 +66,7 @@ class Listener:
 
     config: ListenerConfig
     sock: socket.socket
-    origin: str  # "bound", "inherited" or "handed-over"
+    origin: str  # "bound", "inherited", "handed-over" or "recovered" (from orphans: _custody)
     lock_fd: int | None = None
     users: int = field(default=0)
     # (st_dev, st_ino) of the socket file we bound, to remove it at a clean stop if still ours.
@@ -80,8 +81,8 @@ class Listener:
                 _held_streams[_identity(self.fd)] = self
         if self.origin:
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-            if self.origin == "handed-over":
-                # A worker may have set it before the handover; handoffd binds blocking.
+            if self.origin in ("handed-over", "recovered"):
+                # A worker may have set it before we took it; handoffd binds blocking.
                 flags &= ~os.O_NONBLOCK
             _flags_as_held[_identity(self.fd)] = flags
 
@@ -282,7 +283,7 @@ def bind_listener(config: ListenerConfig) -> Listener:
     """
     addr = config.parsed_address
     where = f"listener {config.name!r} ({config.address})"
-    sock = socket.socket(_family_of(addr), KIND_TYPES[addr.kind] | socket.SOCK_CLOEXEC)
+    sock = socket.socket(_family_of(addr), KIND_TYPES[addr.kind] | SOCK_CLOEXEC)
     lock_fd: int | None = None
     path_identity: tuple[int, int] | None = None
     try:
@@ -386,7 +387,7 @@ def _answers(path: str) -> bool:
     ECONNREFUSED (or the file gone) means stale. Other errors (EACCES) mean we cannot tell, and
     count as live: removing a socket someone else serves is worse than asking the operator.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | SOCK_CLOEXEC) as probe:
         probe.setblocking(False)
         try:
             probe.connect(path)

@@ -193,7 +193,7 @@ class LinuxProc:
         self._root = root
 
     def unavailable(self) -> str | None:
-        if sys.platform != "linux":
+        if os.uname().sysname != "Linux":  # not sys.platform: mypy --platform darwin checks on
             return f"not Linux (sys.platform={sys.platform!r}): there is no /proc to observe"
         if not os.path.isdir(f"{self._root}/self/fd"):
             return f"{self._root} is not mounted or not readable"

@@ -18,7 +18,11 @@ Design notes:
   equivalent pydantic model and cross-checks both against it).
 - unix(7): the kernel accepts at most SCM_MAX_FD (253) fds in one message, so ``put`` splits the
   set into chunks of up to 253 and ``get`` reassembles them until ``more`` is false. A chunk whose
-  JSON would not fit in ``MAX_MESSAGE_BYTES`` (very long names) is split further.
+  JSON would not fit in ``MAX_MESSAGE_BYTES`` (very long names) is split further. A payload too
+  large for one message (a self-upgrade's state with many parked fds) travels first, as a run of
+  fd-less messages each carrying a ``payload_part`` (a piece of the payload's JSON text), which
+  ``get`` joins and parses once the set is complete; a payload that fits keeps the one-message
+  form, so peers of the same version that never send large payloads are unaffected.
 - Receiving uses ``MSG_CMSG_CLOEXEC`` so no fd leaks into a child exec'd between ``recvmsg`` and
   ``set_inheritable``. When anything is wrong (truncated ancillary data, a wrong version, a
   count mismatch, a hang-up mid-set) every fd received so far is closed before raising
@@ -194,6 +198,13 @@ def encode_messages(
             "strings, numbers, booleans and None"
         ) from exc
     names, packed, joined = _split_pairs(fds)
+    parts: list[str] = []
+    if len(payload_json) > MAX_MESSAGE_BYTES // 2:
+        parts = [
+            payload_json[i : i + _PAYLOAD_PART_CHARS]
+            for i in range(0, len(payload_json), _PAYLOAD_PART_CHARS)
+        ]
+        payload_json = ""
     # Names that need no JSON escape (all sane names) are joined directly, several times faster
     # than json.dumps; anything else takes the always-correct way.
     plain = len(joined.translate(None, _JSON_SPECIAL)) == len(joined)
@@ -229,6 +240,13 @@ def encode_messages(
             "fd names short"
         )
 
+    for part in parts:
+        data = (
+            f'{{"v":{PROTOCOL_VERSION},"op":"put","seq":{seq},"more":true,"names":[],'
+            f'"payload_part":{json.dumps(part)}}}'
+        ).encode()
+        seq += 1
+        yield data, []
     for start in range(0, max(total, 1), SCM_MAX_FD):
         yield from encode(start, min(start + SCM_MAX_FD, total))
 
@@ -309,11 +327,15 @@ class _Chunk(NamedTuple):
     more: bool
     names: list[str]
     payload: dict[str, JsonValue] | None
+    payload_part: str | None = None
 
 
 # The fields of a chunk, in the order their problems are reported (the order pydantic reports
 # them in for the equivalent model); all but ``payload`` are required.
-_CHUNK_FIELDS: Final = ("v", "op", "seq", "names", "more", "payload")
+_CHUNK_FIELDS: Final = ("v", "op", "seq", "names", "more", "payload", "payload_part")
+# The largest piece of a payload's JSON in one message: room is left for the envelope and for
+# the JSON escaping of the piece itself (at worst 6 bytes per character, \uXXXX).
+_PAYLOAD_PART_CHARS: Final = (MAX_MESSAGE_BYTES - 1024) // 6
 
 
 def _chunk_problems(obj: dict[str, object]) -> list[str]:
@@ -345,6 +367,8 @@ def _chunk_problems(obj: dict[str, object]) -> list[str]:
     payload = obj.get("payload")
     if payload is not None and not isinstance(payload, dict):
         problems.append("payload: Input should be an object")
+    if "payload_part" in obj and not isinstance(obj["payload_part"], str):
+        problems.append("payload_part: Input should be a valid string")
     problems += [
         f"{key}: Extra inputs are not permitted" for key in obj if key not in _CHUNK_FIELDS
     ]
@@ -380,14 +404,21 @@ def _decode_chunk(data: bytes, expected_seq: int) -> _Chunk | str:
         and type(more) is bool
         and type(names) is list
         and (payload is None or type(payload) is dict)
-        and len(fields) == 5 + ("payload" in fields)
+        and type(part := fields.get("payload_part", "")) is str
+        and len(fields) == 5 + ("payload" in fields) + ("payload_part" in fields)
     ):
         try:
             "".join(names)
         except TypeError:
             pass
         else:
-            return _Chunk(seq, more, names, cast("dict[str, JsonValue] | None", payload))
+            return _Chunk(
+                seq,
+                more,
+                names,
+                cast("dict[str, JsonValue] | None", payload),
+                part if "payload_part" in fields else None,
+            )
     return f"message {expected_seq} is malformed ({'; '.join(_chunk_problems(fields)[:3])})"
 
 
@@ -400,6 +431,7 @@ class Assembly:
         self.fds = array.array("i")
         self.names: list[str] = []
         self.payload: dict[str, JsonValue] = {}
+        self.payload_parts: list[str] = []
         self.seq = 0
         self.buffer = bytearray(MAX_MESSAGE_BYTES)
         self.view = memoryview(self.buffer)
@@ -455,6 +487,8 @@ class Assembly:
             seq, more, names = chunk.seq, chunk.more, chunk.names
             if seq == 0 and chunk.payload is not None:
                 self.payload = chunk.payload
+            if chunk.payload_part is not None:
+                self.payload_parts.append(chunk.payload_part)
         if len(names) != count:
             raise self.fail(f"message {self.seq} names {len(names)} fd(s) but carries {count}")
         if seq != self.seq:
@@ -467,6 +501,16 @@ class Assembly:
         return not more
 
     def finish(self) -> Received:
+        if self.payload_parts:
+            try:
+                joined: object = json.loads("".join(self.payload_parts))
+            except (ValueError, RecursionError):
+                joined = None
+            if not isinstance(joined, dict):
+                raise self.fail(
+                    f"the payload sent in {len(self.payload_parts)} parts is not a JSON object"
+                )
+            self.payload = cast("dict[str, JsonValue]", joined)
         received = Received(names=self.names, fd_numbers=self.fds.tolist(), payload=self.payload)
         self.fds = array.array("i")
         return received

@@ -119,7 +119,7 @@ async def get(sock: trio.socket.SocketType) -> Received:
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(view)
         await trio.lowlevel.cancel_shielded_checkpoint()
+        return assembly.finish()
     except BaseException:
         assembly.close()
         raise
-    return assembly.finish()

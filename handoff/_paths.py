@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 #: The variable naming the handover channel's fd in a successor supervisor (see ``_handover``);
 #: here so that a start-up that is not a handover need not load the handover's models.
 HANDOVER_FD_ENV: Final = "HANDOFF_SUPERVISOR_FD"
+#: The variable naming the memfd of the state in a supervisor that re-executed itself in place.
+REEXEC_FD_ENV: Final = "HANDOFF_REEXEC_FD"
 #: The longest path a Unix socket address can hold: sun_path is 108 bytes with its NUL (unix(7)).
 SUN_PATH_MAX: Final = 107
 

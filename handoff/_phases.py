@@ -11,6 +11,7 @@ The table, one upgrade at a time (see ``_supervisor`` for the loop that walks it
     spawning       -> waiting_ready | running         config/listeners bad: failed, N serves
     waiting_ready  -> holding | running               N+1 exited / timed out: failed, N serves
     holding        -> running                         N drains (ok), or N+1 stopped (failed)
+    holding        -> waiting_ready                   rolling: the next batch of N+1 starts
     self-upgrading -> running | handed-over           failed (we carry on), or committed
     handed-over    -> (end)                           the successor supervises; we exit
     stopping       -> (end)                           every generation drains, then we exit
@@ -46,7 +47,7 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     "running": frozenset({"spawning", "self-upgrading", "stopping"}),
     "spawning": frozenset({"waiting_ready", "running"}),
     "waiting_ready": frozenset({"holding", "running"}),
-    "holding": frozenset({"running"}),
+    "holding": frozenset({"running", "waiting_ready"}),
     "self-upgrading": frozenset({"running", "handed-over"}),
     "handed-over": frozenset(),
     "stopping": frozenset(),

@@ -44,22 +44,33 @@ def write_pid_file(path: Path) -> None:
     """
     dir_fd = os.open(path.parent, _OPEN_DIR)
     try:
-        temp, fd = _create_temp(dir_fd, path.name)
-        try:
-            try:
-                os.fchmod(fd, PID_FILE_MODE)
-                data = f"{os.getpid()}\n".encode()
-                while data:
-                    data = data[os.write(fd, data) :]
-            finally:
-                os.close(fd)
-            os.rename(temp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with suppress(OSError):
-                os.unlink(temp, dir_fd=dir_fd)
-            raise
+        write_file_at(dir_fd, path.name, f"{os.getpid()}\n".encode(), PID_FILE_MODE)
     finally:
         os.close(dir_fd)
+
+
+def write_file_at(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Replace ``name`` in the directory ``dir_fd`` with ``data`` atomically, with ``mode``.
+
+    A random ``O_EXCL|O_NOFOLLOW`` temp file next to it, ``fchmod`` (whatever the umask), then
+    ``rename(2)``, which replaces a symlink at ``name`` and never follows it.
+
+    Raises:
+        OSError: the directory cannot be written.
+    """
+    temp, fd = _create_temp(dir_fd, name)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            while data:
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
 
 
 def _create_temp(dir_fd: int, name: str) -> tuple[str, int]:

@@ -2,7 +2,8 @@
 
 The supervisor, the generations and the handover never call ``posix_spawn``, ``pidfd_open`` or
 ``waitid`` themselves; they go through a ``Spawner`` that returns ``ProcessHandle`` objects.
-The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.3+). Unit tests pass
+The default is the pidfd-backed implementation in ``_spawn`` (Linux 5.4+); ``_portable`` has
+the one for kernels without pidfds (kqueue, or SIGCHLD + waitid). Unit tests pass
 the fakes of ``tests/fakes.py`` instead, so the state machine runs on trio's virtual clock with
 processes the test drives (the shape tableflip's ``env`` struct gives its upgrader).
 
@@ -20,21 +21,49 @@ Design notes:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 import trio
-
-from ._spawn import NO_SETTINGS
 
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-    from ._spawn import WorkerSettings
+    from ._notify_access import Attribution, NotifySender
 
 # How long a SIGKILLed process may take to be reaped before we stop waiting for it. It cannot
 # ignore SIGKILL; this only bounds a process stuck in uninterruptible sleep (a dead NFS mount).
 REAP_TIMEOUT_S: Final = 5.0
+
+
+@final
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker is started beyond command, environment and fds (``[program]``'s settings).
+
+    ``uid``/``gid``: the ids to switch to (None: keep ours); ``user_name``: initgroups(3) its
+    supplementary groups (None: none at all). ``identity_setting`` names the setting in errors.
+    ``core`` is in bytes (``resource.RLIM_INFINITY``: unlimited); ``memory`` in bytes.
+    """
+
+    uid: int | None = None
+    gid: int | None = None
+    user_name: str | None = None
+    setpriv: str = "setpriv"
+    identity_setting: str = "program.user"
+    umask: int | None = None
+    nofile: int | None = None
+    core: int | None = None
+    memory: int | None = None
+
+    @property
+    def switches_identity(self) -> bool:
+        return self.uid is not None or self.gid is not None
+
+
+#: A worker started with nothing beyond its command.
+NO_SETTINGS: Final = WorkerSettings()
 
 
 class ProcessHandle(Protocol):
@@ -79,6 +108,10 @@ class ProcessHandle(Protocol):
         """After ``wait()`` returned: block until no member of its process group is left."""
         ...
 
+    def attribute(self, sender: NotifySender) -> Attribution:
+        """Whether a datagram on its notify socket from ``sender`` speaks for it (its tree)."""
+        ...
+
     def close(self) -> None:
         """Stop watching it, without signalling it."""
         ...
@@ -86,6 +119,10 @@ class ProcessHandle(Protocol):
 
 class Spawner(Protocol):
     """Starts worker processes and adopts handed-over ones."""
+
+    #: Why a self-upgrade cannot hand this spawner's processes to a successor here (the
+    #: user-facing refusal, with the fix), or None when it can.
+    handover_refusal: str | None
 
     def spawn(
         self,

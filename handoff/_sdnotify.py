@@ -18,6 +18,8 @@ import os
 import socket
 from typing import TYPE_CHECKING, Final
 
+from ._platform import SOCK_CLOEXEC
+
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
@@ -57,7 +59,7 @@ def notify(
     target = env.get("NOTIFY_SOCKET")
     if not target:
         return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | SOCK_CLOEXEC) as sock:
         ancillary = []
         if fds:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]

@@ -38,28 +38,48 @@ Design notes:
   fallback: it bounds address space, not memory, and runtimes that reserve far more than they
   use (Go, the JVM, glibc's per-thread arenas, ASan) fail under a limit sized to their RSS.
 - ``stdout``/``stderr``: fds (pipes of ``_output``) dup2'ed to 1 and 2, staged like the fd set.
+- Notify access (``WorkerProcess.attribute``, the rule in ``_notify_access``): a datagram on a
+  worker's notify socket counts only from the worker's tree. ``reap_orphans`` remembers what it
+  reaped (pid, process group, pidfs inode) for ``REAPED_WINDOW``, so an orphan of the tree that
+  sent a datagram and exited, and was reaped before the datagram was read, still counts.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import errno
 import fcntl
 import os
 import resource
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
 
 from ._errors import SpawnError
+from ._notify_access import (
+    LINUX_FACTS,
+    REAPED_MAX,
+    REAPED_WINDOW,
+    ReapedOrphan,
+    WorkerTree,
+    attribute_sender,
+    pidfd_inode,
+)
+from ._processes import NO_SETTINGS, WorkerSettings
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
+
+    from ._notify_access import Attribution, NotifySender
+    from ._processes import ProcessHandle
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -87,6 +107,30 @@ def unreaped_children() -> frozenset[int]:
     return frozenset(_unreaped)
 
 
+# The orphans reap_orphans reaped lately, oldest first (see the module notes on notify access).
+_reaped: collections.deque[ReapedOrphan] = collections.deque(maxlen=REAPED_MAX)
+
+
+def recently_reaped() -> tuple[ReapedOrphan, ...]:
+    """The orphans reaped within ``REAPED_WINDOW``, oldest first."""
+    now = time.monotonic()
+    while _reaped and now - _reaped[0].at > REAPED_WINDOW:
+        _reaped.popleft()
+    return tuple(_reaped)
+
+
+def _inode_of(pid: int) -> int | None:
+    """The pidfs inode of our unreaped child ``pid`` (a zombie still has its pid), or None."""
+    try:
+        pidfd = _pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        return pidfd_inode(pidfd)
+    finally:
+        os.close(pidfd)
+
+
 # Replaced (after being set) whenever reap_orphans reaped something: one Event per occurrence.
 _orphans_reaped: trio.Event | None = None
 
@@ -104,7 +148,7 @@ def become_subreaper() -> str | None:
     Linux only (prctl(2) ``PR_SET_CHILD_SUBREAPER``, since 3.4). Elsewhere orphans go to init
     and a generation's tree is what its process groups still hold.
     """
-    if not sys.platform.startswith("linux"):
+    if os.uname().sysname != "Linux":  # not sys.platform: mypy --platform darwin checks on
         return f"{sys.platform} has no PR_SET_CHILD_SUBREAPER"
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -133,11 +177,8 @@ def _our_children() -> set[int]:
 
 def process_group_of(pid: int) -> int | None:
     """The process group id of ``pid`` (proc(5) ``stat`` field 5), None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
+    stat = LINUX_FACTS.stat(pid)
+    return stat.pgid if stat is not None else None
 
 
 def group_orphans(pgid: int) -> list[int]:
@@ -154,12 +195,14 @@ def reap_orphans() -> list[tuple[int, int | None]]:
     reaped: list[tuple[int, int | None]] = []
     for pid in sorted(_our_children() - _unreaped):
         group = process_group_of(pid)
+        inode = _inode_of(pid)
         try:
             done, _ = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             continue
         if done == pid:
             reaped.append((pid, group))
+            _reaped.append(ReapedOrphan(pid, group, inode, time.monotonic()))
     if reaped:
         global _orphans_reaped
         _reaped_event().set()
@@ -190,6 +233,11 @@ class WorkerProcess:
     pidfd: int
     is_child: bool = True
     returncode: int | None = None
+    #: The pidfs inode of its pidfd (see ``attribute``), read once while the pidfd is open.
+    inode: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.inode = pidfd_inode(self.pidfd) if self.pidfd >= 0 else None
 
     async def wait(self) -> int:
         """Wait for the exit and reap it; returns the exit code, or -signal when killed."""
@@ -201,13 +249,8 @@ class WorkerProcess:
     def _reap(self) -> int:
         code = 0
         if self.is_child:
-            try:
-                info = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
-            except ChildProcessError:
-                info = None
-            if info is not None:
-                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-            _unreaped.discard(self.pid)
+            code = _reap_pidfd(self.pidfd)
+            untrack_child(self.pid)
         self.returncode = code
         self.close()
         return code
@@ -216,82 +259,28 @@ class WorkerProcess:
         """Signal the worker; a no-op once it has exited (the pidfd prevents pid reuse races)."""
         if self.returncode is not None:
             return
-        try:
-            signal.pidfd_send_signal(self.pidfd, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            # A worker that became another user (setuid) cannot be signalled by a non-root
-            # handoffd; a drain then ends with its timeout. Never an error that ends the daemon.
-            log.warning(
-                "worker.signal_refused",
-                pid=self.pid,
-                signal=sig,
-                hint="run handoffd as root, or keep the worker's uid",
-            )
+        deliver_signal(self.pid, sig, lambda: _pidfd_send_signal(self.pidfd, sig))
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def signal_group(self, sig: int) -> None:
-        """Signal the worker's process group (see the module notes on pid reuse)."""
-        if not self.is_child:
-            self.send_signal(sig)
-        elif self.returncode is None:
-            left_group = process_group_of(self.pid) not in (self.pid, None)
-            _killpg(self.pid, sig)
-            if left_group:  # the worker moved to another group; its old one got the signal
-                self.send_signal(sig)
-        elif group_orphans(self.pid):
-            _killpg(self.pid, sig)
+        signal_group(self, sig)
 
     def group_roots(self) -> list[int]:
-        alive = [self.pid] if self.returncode is None else []
-        return alive + (group_orphans(self.pid) if self.is_child else [])
+        return group_roots(self)
+
+    def attribute(self, sender: NotifySender) -> Attribution:
+        return attribute(self, sender, self.inode)
 
     async def wait_group_exited(self) -> None:
-        """Wait (on ``reap_orphans``, driven by SIGCHLD) until the group has no member left."""
-        await trio.lowlevel.checkpoint()
-        while self.is_child:
-            reaped = _reaped_event()
-            if not group_orphans(self.pid):
-                return
-            await reaped.wait()
+        await wait_group_exited(self)
 
     def close(self) -> None:
         if self.pidfd >= 0:
             trio.lowlevel.notify_closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = -1
-
-
-@final
-@dataclass(frozen=True)
-class WorkerSettings:
-    """How a worker is started beyond command, environment and fds (``[program]``'s settings).
-
-    ``uid``/``gid``: the ids to switch to (None: keep ours); ``user_name``: initgroups(3) its
-    supplementary groups (None: none at all). ``identity_setting`` names the setting in errors.
-    ``core`` is in bytes (``resource.RLIM_INFINITY``: unlimited); ``memory`` in bytes.
-    """
-
-    uid: int | None = None
-    gid: int | None = None
-    user_name: str | None = None
-    setpriv: str = "setpriv"
-    identity_setting: str = "program.user"
-    umask: int | None = None
-    nofile: int | None = None
-    core: int | None = None
-    memory: int | None = None
-
-    @property
-    def switches_identity(self) -> bool:
-        return self.uid is not None or self.gid is not None
-
-
-#: A worker started with nothing beyond its command.
-NO_SETTINGS: Final = WorkerSettings()
 
 
 def _fail_step(command: str, setting: str) -> str:
@@ -392,6 +381,112 @@ def _check_limit(setting: str, which: int, value: int, root: bool) -> None:
         )
 
 
+# The tree of a worker, for every watcher (pidfds here, ``_portable`` elsewhere): the handle
+# only supplies pid, is_child, returncode and send_signal.
+
+
+def signal_group(process: ProcessHandle, sig: int) -> None:
+    """Signal the worker's process group (see the module notes on pid reuse)."""
+    if not process.is_child:
+        process.send_signal(sig)
+    elif process.returncode is None:
+        left_group = process_group_of(process.pid) not in (process.pid, None)
+        _killpg(process.pid, sig)
+        if left_group:  # the worker moved to another group; its old one got the signal
+            process.send_signal(sig)
+    elif group_orphans(process.pid):
+        _killpg(process.pid, sig)
+
+
+def group_roots(process: ProcessHandle) -> list[int]:
+    """The worker (while it lives) and the members of its group reparented to us."""
+    alive = [process.pid] if process.returncode is None else []
+    return alive + (group_orphans(process.pid) if process.is_child else [])
+
+
+def attribute(
+    process: ProcessHandle, sender: NotifySender, inode: int | None = None
+) -> Attribution:
+    """Whether ``sender`` is in the worker's tree (``_notify_access``'s rule, real /proc);
+    ``inode``: the pidfs inode of the worker's pidfd, where there is one."""
+    tree = WorkerTree(
+        pid=process.pid,
+        inode=inode,
+        alive=process.returncode is None,
+        supervisor_pid=os.getpid(),
+        workers=frozenset(_unreaped),
+        reaped=recently_reaped(),
+        now=time.monotonic(),
+    )
+    return attribute_sender(sender, tree)
+
+
+async def wait_group_exited(process: ProcessHandle) -> None:
+    """Wait (on ``reap_orphans``, driven by SIGCHLD) until the group has no member left."""
+    await trio.lowlevel.checkpoint()
+    while process.is_child:
+        reaped = _reaped_event()
+        if not group_orphans(process.pid):
+            return
+        await reaped.wait()
+
+
+def track_child(pid: int) -> None:
+    """A worker whose exit status a watcher owns: ``reap_orphans`` must never reap it."""
+    _unreaped.add(pid)
+
+
+def untrack_child(pid: int) -> None:
+    """Its watcher reaped it."""
+    _unreaped.discard(pid)
+
+
+def deliver_signal(pid: int, sig: int, send: Callable[[], None]) -> None:
+    """Run ``send`` (which signals ``pid``); a process already gone is no error, nor a refusal.
+
+    A worker that became another user (setuid) cannot be signalled by a non-root handoffd; a
+    drain then ends with its timeout. Never an error that ends the daemon.
+    """
+    try:
+        send()
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        log.warning(
+            "worker.signal_refused",
+            pid=pid,
+            signal=sig,
+            hint="run handoffd as root, or keep the worker's uid",
+        )
+
+
+# The Linux-only calls, each guarded so that the module type-checks (and imports) elsewhere.
+def _pidfd_open(pid: int) -> int:
+    if sys.platform == "linux":
+        return os.pidfd_open(pid)
+    raise OSError(errno.ENOSYS, f"pidfd_open(2) is Linux only (this is {sys.platform})")
+
+
+def _pidfd_send_signal(pidfd: int, sig: int) -> None:
+    if sys.platform == "linux":
+        signal.pidfd_send_signal(pidfd, sig)
+        return
+    raise OSError(errno.ENOSYS, f"pidfd_send_signal(2) is Linux only (this is {sys.platform})")
+
+
+def _reap_pidfd(pidfd: int) -> int:
+    """waitid(P_PIDFD): the exit code, or -signal; 0 when someone else reaped it."""
+    if sys.platform == "linux":
+        try:
+            info = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        except ChildProcessError:
+            return 0
+        if info is None:
+            return 0
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+    raise OSError(errno.ENOSYS, f"waitid(P_PIDFD) is Linux only (this is {sys.platform})")
+
+
 def describe_exit(code: int) -> str:
     """``exited with status 3`` / ``was killed by SIGKILL``, plus a hint for 126/127."""
     if code < 0:
@@ -427,7 +522,7 @@ def resolve_command(command: Sequence[str], environ: Mapping[str, str], cwd: Pat
     return found
 
 
-def spawn_worker(
+def start_process(
     command: Sequence[str],
     *,
     environ: Mapping[str, str],
@@ -438,14 +533,15 @@ def spawn_worker(
     settings: WorkerSettings = NO_SETTINGS,
     stdout: int | None = None,
     stderr: int | None = None,
-) -> WorkerProcess:
-    """Start ``command`` with ``fds`` at 3, 4, ... and return it as a pidfd-backed process.
+) -> int:
+    """Start ``command`` with ``fds`` at 3, 4, ... and return its pid; the caller watches it.
 
     The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
     the worker also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
     the child in our process group (a successor supervisor, which must get the terminal's
-    Ctrl-C as we do). ``settings``: user, umask and limits (see the module notes);
-    ``stdout``/``stderr``: fds to give it as 1 and 2 (default: ours).
+    Ctrl-C as we do). Shared by every process watcher (pidfds here, ``_portable`` elsewhere).
+    ``settings``: user, umask and limits (see the module notes); ``stdout``/``stderr``: fds to
+    give it as 1 and 2 (default: ours).
 
     Raises:
         SpawnError: the command cannot be found or started, or a setting cannot be applied
@@ -501,20 +597,32 @@ def spawn_worker(
     finally:
         for fd in staged:
             os.close(fd)
+    return pid
+
+
+def watch_child(pid: int, program: str) -> WorkerProcess:
+    """Watch the child ``start_process`` just started through a pidfd (Linux 5.4+).
+
+    Raises:
+        SpawnError: no pidfd could be opened; the child has been killed and reaped.
+    """
     try:
-        pidfd = os.pidfd_open(pid)
+        pidfd = _pidfd_open(pid)
     except OSError as exc:
         # Never leave a worker we cannot watch holding the listeners: kill and reap it now.
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        raise SpawnError(f"cannot watch {command[0]!r} (pid {pid}): {exc.strerror}") from exc
-    _unreaped.add(pid)
+        raise SpawnError(f"cannot watch {program!r} (pid {pid}): {exc.strerror}") from exc
+    track_child(pid)
     return WorkerProcess(pid=pid, pidfd=pidfd)
 
 
 @final
 class PidfdSpawner:
     """The default ``Spawner`` (see ``_processes``): posix_spawn, watched through pidfds."""
+
+    #: pidfds travel to a successor: a self-upgrade can always hand the workers over.
+    handover_refusal: str | None = None
 
     def spawn(
         self,
@@ -529,7 +637,7 @@ class PidfdSpawner:
         stdout: int | None = None,
         stderr: int | None = None,
     ) -> WorkerProcess:
-        return spawn_worker(
+        pid = start_process(
             command,
             environ=environ,
             fds=fds,
@@ -540,6 +648,7 @@ class PidfdSpawner:
             stdout=stdout,
             stderr=stderr,
         )
+        return watch_child(pid, command[0])
 
     def adopt(self, pid: int, pidfd: int | None = None) -> WorkerProcess:
         return adopt_process(pid, pidfd)
@@ -560,5 +669,15 @@ def adopt_process(pid: int, pidfd: int | None = None) -> WorkerProcess:
         ProcessLookupError: (without ``pidfd``) no process has this pid any more.
     """
     return WorkerProcess(
-        pid=pid, pidfd=os.pidfd_open(pid) if pidfd is None else pidfd, is_child=False
+        pid=pid, pidfd=_pidfd_open(pid) if pidfd is None else pidfd, is_child=False
     )
+
+
+def adopt_child(pid: int, pidfd: int) -> WorkerProcess:
+    """Watch a worker that is our child although we did not spawn it in this image.
+
+    After an exec in place (see ``_handover.exec_in_place``) the pid is the same, so the workers
+    the previous image spawned are still our children: we reap them and see their exit status.
+    """
+    _unreaped.add(pid)
+    return WorkerProcess(pid=pid, pidfd=pidfd, is_child=True)

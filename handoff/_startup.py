@@ -25,14 +25,18 @@ import trio
 
 from ._config import control_socket_path
 from ._control import UpgradeRequest, bind_control_socket, serve_control
-from ._errors import ListenerError
+from ._custody import CustodyKeeper, recover_orphans
+from ._errors import ConfigError, ListenerError
 from ._held import open_listeners
 from ._limits import raise_nofile_limit
 from ._memory import release_after_startup
-from ._paths import HANDOVER_FD_ENV
+from ._metrics_http import metrics_address, open_metrics_socket, serve_metrics_http
+from ._paths import HANDOVER_FD_ENV, REEXEC_FD_ENV
 from ._pidfile import remove_pid_file, write_configured_pid_file
+from ._platform import record as record_degradations
+from ._portable import reap_children, select_spawner
 from ._runtime_dir import open_runtime_dir, refuse_if_running, unlink_if_ours
-from ._spawn import DEFAULT_SPAWNER, become_subreaper, reap_orphans
+from ._spawn import become_subreaper, reap_orphans
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ._config import LoadedConfig
+    from ._custody import Orphans
     from ._handover import Handover
     from ._processes import Spawner
 
@@ -51,21 +56,28 @@ async def run_supervisor(
     loaded: LoadedConfig,
     environ: Mapping[str, str],
     *,
-    spawner: Spawner = DEFAULT_SPAWNER,
+    spawner: Spawner | None = None,
     task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run handoffd until stopped: listeners, control socket, generation 1, upgrades.
 
+    ``spawner`` defaults to the one this kernel supports (``_portable.select_spawner``:
+    pidfds, else kqueue, else SIGCHLD + waitid; ``HANDOFF_PLATFORM=portable`` forces the
+    portable one).
+
     Raises:
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
+    if spawner is None:
+        spawner = _platform_spawner(environ)
     handover_fd = environ.get(HANDOVER_FD_ENV)
-    environ = {k: v for k, v in environ.items() if k != HANDOVER_FD_ENV}
+    reexec_fd = environ.get(REEXEC_FD_ENV)
+    environ = {k: v for k, v in environ.items() if k not in (HANDOVER_FD_ENV, REEXEC_FD_ENV)}
     raise_nofile_limit(environ)
     sup = Supervisor(loaded, environ, spawner)
     supervisor = loaded.config.supervisor
     control_path = control_socket_path(supervisor, environ)
-    if handover_fd is None:
+    if handover_fd is None and reexec_fd is None:
         refuse_if_running(control_path)
     runtime = open_runtime_dir(sup.runtime_dir, control_path)
     sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
@@ -88,16 +100,43 @@ async def run_supervisor(
             "only for what its process groups still hold",
         )
     handover: Handover | None = None
+    orphans: Orphans | None = None
     control: socket.socket | None = None
+    metrics: socket.socket | None = None
     sup.control_path = control_path
+    custody = CustodyKeeper(
+        runtime.root, sup.held, sup.gens, loaded.path, lambda: sup.successor_pid is not None
+    )
+    sup.gens.on_change = custody.update
     with trio.open_signal_receiver(*signals_wanted) as signals:
+        # Blocked by a predecessor image across its exec in place (pending ones arrive now).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_wanted)
         try:
-            if handover_fd is None:
-                sup.held.adopt(open_listeners(loaded, environ, sup.systemd))
+            if reexec_fd is not None:
+                handover = _claim(sup, _from_exec(sup, reexec_fd))
+                control = handover.take_control()
+                if control is None:
+                    control = _bind_control(control_path, control_mode)
+                sup.last_upgrade = handover.last_upgrade
+                custody.claim()  # the same pid: the record stays ours
+                metrics = _open_metrics_after_exec(sup)
+            elif handover_fd is None:
+                # What a killed predecessor left serving is taken back, not bound again.
+                orphans = recover_orphans(
+                    runtime.root, sup.notify_dir, loaded, environ, control_path
+                )
+                taken = orphans.claim_listeners() if orphans is not None else {}
+                if orphans is not None:
+                    sup.gens.next_number = orphans.next_generation
+                sup.held.adopt(open_listeners(loaded, environ, sup.systemd, taken=taken))
+                metrics = _open_metrics(sup, None)
                 control = _bind_control(control_path, control_mode)
                 write_configured_pid_file(supervisor.pid_file)
+                custody.claim()
             else:
                 handover = await _receive(sup, handover_fd)
+                metrics = await _open_metrics_or_refuse(sup, handover)
+                prior = sup.last_upgrade
                 control, control_path = await handover.take_over(
                     control_path,
                     control_mode,
@@ -106,12 +145,24 @@ async def run_supervisor(
                 )
                 sup.control_path = control_path
                 sup.last_upgrade = handover.last_upgrade
+                # In charge: the self-upgrade counts here (None: its reply never arrived).
+                committed = handover.last_upgrade if handover.last_upgrade is not prior else None
+                sup.metrics.on_upgrade_finished(committed, supervisor=True)
             sup.control_inode = runtime.verify_control_socket(control_path)
+            sup.control_socket = control
             async with trio.open_nursery() as root:
-                await root.start(serve_control, control, sup, allowed)
+                sup.metrics.control_connections = await root.start(
+                    serve_control, control, sup, allowed
+                )
+                if metrics is not None and handover is None:  # /healthz while gen 1 starts
+                    await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                 root.start_soon(_handle_signals, sup, signals)
                 root.start_soon(sup.systemd.run_watchdog)
-                if await root.start(_run_until_stopped, sup, handover, root.cancel_scope):
+                if await root.start(_run_until_stopped, sup, handover, orphans, root.cancel_scope):
+                    if handover is not None:
+                        custody.claim()  # in charge now, the workers adopted
+                    if metrics is not None and handover is not None:  # once it supervises
+                        await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
                     release_after_startup()
                     _log_ready(sup, handover)
                     sup.systemd.ready(sup.status_text())
@@ -119,8 +170,13 @@ async def run_supervisor(
         finally:
             if handover is not None:
                 handover.close()  # whatever was received and not claimed
+            if orphans is not None:
+                orphans.close()  # whatever was taken back and not adopted
+            custody.remove()
             if control is not None:
                 control.close()
+            if metrics is not None:
+                metrics.close()
             sup.held.close_all(unlink=sup.successor_pid is None)
             sup.parked.close_all()
             unlink_if_ours(sup.control_path, sup.control_inode)
@@ -130,9 +186,26 @@ async def run_supervisor(
     log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
 
 
+def _platform_spawner(environ: Mapping[str, str]) -> Spawner:
+    """Choose the process watcher for this kernel; log and record each degradation once.
+
+    Raises:
+        ConfigError: ``HANDOFF_PLATFORM`` has an unknown value.
+    """
+    try:
+        spawner, degraded = select_spawner(environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    record_degradations(degraded)
+    for each in degraded:
+        log.warning("platform.degraded", what=each.what, why=each.why)
+    return spawner
+
+
 async def _run_until_stopped(
     sup: Supervisor,
     handover: Handover | None,
+    orphans: Orphans | None,
     root: trio.CancelScope,
     *,
     task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
@@ -140,7 +213,7 @@ async def _run_until_stopped(
     """Run the supervisor; once it has drained and returned, end the control server and the
     rest of the root nursery too."""
     try:
-        await sup.run(handover, task_status=task_status)
+        await sup.run(handover, orphans, task_status=task_status)
     finally:
         root.cancel()
 
@@ -149,7 +222,20 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     from ._handover import Handover
 
     supervisor = sup.loaded.config.supervisor
-    handover = await Handover.receive(handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout)
+    handover = await Handover.receive(
+        handover_fd, sup.loaded.path, supervisor.self_upgrade_timeout, sup.gens.spawner
+    )
+    return _claim(sup, handover)
+
+
+def _from_exec(sup: Supervisor, reexec_fd: str) -> Handover:
+    from ._handover import Handover
+
+    return Handover.from_exec(reexec_fd, sup.loaded.path)
+
+
+def _claim(sup: Supervisor, handover: Handover) -> Handover:
+    """Take the listeners, parked fds and numbering a predecessor handed over."""
     claimed = handover.claim()
     sup.held.systemd = sup.systemd = claimed.systemd
     sup.held.adopt(claimed.listeners)
@@ -157,7 +243,39 @@ async def _receive(sup: Supervisor, handover_fd: str) -> Handover:
     sup.parked.restore(claimed.parked)
     sup.gens.next_number = claimed.next_generation
     sup.last_upgrade = claimed.last_upgrade
+    sup.metrics.restore(handover.state.metrics)
     return handover
+
+
+def _open_metrics(sup: Supervisor, handover: Handover | None) -> socket.socket | None:
+    """The ``[metrics]`` listener, if configured (``_metrics_http`` on a successor's bind)."""
+    config = sup.loaded.config.metrics
+    if config is None:
+        return None
+    sock = open_metrics_socket(config, successor=handover is not None)
+    sup.metrics.enabled = True
+    log.info("metrics.listening", address=metrics_address(sock))
+    return sock
+
+
+def _open_metrics_after_exec(sup: Supervisor) -> socket.socket | None:
+    """After an exec in place the previous image's metrics socket is gone (close-on-exec): bind
+    it again. Past the point of no return, a failure costs the metrics, never the workers."""
+    try:
+        return _open_metrics(sup, None)
+    except ListenerError as exc:
+        log.error("metrics.not_listening", reason=str(exc), hint="fix it and upgrade --self again")
+        return None
+
+
+async def _open_metrics_or_refuse(sup: Supervisor, handover: Handover) -> socket.socket | None:
+    """As a successor: a metrics address we cannot bind refuses the handover (the old
+    supervisor carries on)."""
+    try:
+        return _open_metrics(sup, handover)
+    except ListenerError as exc:
+        await handover.refuse(str(exc))
+        raise
 
 
 def _bind_control(control_path: Path, control_mode: int) -> socket.socket:
@@ -178,6 +296,8 @@ def _log_ready(sup: Supervisor, handover: Handover | None) -> None:
         listeners={li.name: li.bound_address() for li in sup.held.values()},
         control_socket=str(sup.control_path),
         handover_from=handover.state.pid if handover else None,
+        # A self-upgrade that kept the pid (the new image of the same process).
+        in_place=handover is not None and handover.channel is None,
     )
 
 
@@ -187,6 +307,7 @@ async def _handle_signals(sup: Supervisor, signals: AsyncIterator[int]) -> None:
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGCHLD:
+            reap_children(sup.gens.spawner)  # the waitid watcher's workers first: their status
             for pid, group in reap_orphans():
                 log.info(
                     "orphan.reaped",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 from ._control import GenerationInfo, ListenerInfo, StatusInfo, WorkerInfo
 from ._observe import walk_tree
+from ._platform import recorded
 from ._version import version
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def status_info(
                 last_exit=s.last_exit,
                 descendants=[p for p in trees[id(s)] if s.process is None or p != s.process.pid],
                 readiness=f"READY=1 (fallback: {s.fallback})" if s.fallback else None,
+                notify_rejected=s.notify_rejected,
             )
             for g in generations
             for s in g.slots
@@ -100,6 +102,7 @@ def status_info(
             )
             for g in generations
         ],
+        degraded=[d.text() for d in recorded()],
     )
 
 
@@ -130,6 +133,11 @@ def serving_now(current: Generation | None) -> tuple[bool, str | None]:
                         f"{check.reason}"
                     )
     return True, None
+
+
+def generation_rss_kib(gen: Generation) -> int:
+    """The sum of VmRSS over every process of the generation's worker trees, in KiB."""
+    return sum(_rss_kib(p) for s in gen.slots for p in _tree(s))
 
 
 def _tree(slot: WorkerSlot) -> list[int]:

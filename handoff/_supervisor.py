@@ -36,29 +36,33 @@ from structlog.contextvars import bound_contextvars
 
 from ._config import load_config, resolve_runtime_dir
 from ._control import ControlHandler, UpgradeRequest
-from ._errors import HandoffError, SpawnError, UpgradeError
+from ._errors import HandoffError, SpawnError
 from ._generation import ParkedFds
 from ._generation_set import GenerationSet
 from ._held import HeldListeners
 from ._limits import worker_fd_limit
 from ._memory import release_after_upgrade
+from ._metrics import Metrics
 from ._phases import PhaseMachine
 from ._processes import REAP_TIMEOUT_S
 from ._readiness import probe_proc
 from ._reconfigure import apply_changes, refuse_unappliable
+from ._rolling import bring_up
 from ._spawn import DEFAULT_SPAWNER
 from ._status import status_info, status_text
 from ._systemd import SystemdNotifier, monotonic_usec
 from ._tickets import UpgradeQueue, UpgradeTicket, log_finished
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Awaitable, Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._config import LoadedConfig
     from ._control import StatusInfo, UpgradeEvent, UpgradeReply
+    from ._custody import Orphans
     from ._generation import Generation
-    from ._handover import Handover, HandoverOutcome, SupervisorView
+    from ._handover import ExecPlan, Handover, HandoverOutcome, SupervisorView
     from ._held import ListenerPlan
     from ._listeners import Listener
     from ._processes import Spawner
@@ -97,6 +101,7 @@ class Supervisor(ControlHandler):
             on_drained=lambda: self.systemd.status(self.status_text()),
             probe=probe,
         )
+        self.gens.counters = self.metrics = Metrics(self.held, self.parked, self.gens)
         self.machine = PhaseMachine()
         self.queue = UpgradeQueue()
         self.last_upgrade: UpgradeReply | None = None
@@ -109,6 +114,10 @@ class Supervisor(ControlHandler):
         # Who may use the control socket (the server reads it per connection).
         self.allowed_uids = {0, os.getuid(), *loaded.config.supervisor.allowed_uids}
         self.control_inode: int | None = None
+        # The listening control socket (set by _startup): an exec in place keeps it open.
+        self.control_socket: socket.socket | None = None
+        # A pre-flight passed: re-execute in place once the callers have their replies.
+        self.exec_plan: ExecPlan | None = None
         self._root: trio.Nursery | None = None
 
     # ---- queries ----
@@ -135,25 +144,39 @@ class Supervisor(ControlHandler):
             last_upgrade=self.last_upgrade,
         )
 
+    def metrics_text(self) -> str | None:
+        return self.metrics.render().decode() if self.metrics.enabled else None
+
     # ---- requests (sync: atomic) ----
 
     def stop(self) -> None:
-        """Begin a graceful stop: drain every generation, then exit."""
+        """Begin a graceful stop: not ready for ``stop_delay`` seconds (a load balancer takes
+        us out; another stop ends the delay), then drain every generation and exit."""
         if self.successor_pid is not None:
             # Handed over: the stop is meant for the service, which is the successor now.
             from ._handover import forward_signal
 
             forward_signal(self.successor_pid, signal.SIGTERM)
             return
+        delay = self.loaded.config.supervisor.stop_delay
+        if self.metrics.announce_stop() and delay > 0 and self._root is not None:
+            log.info("supervisor.unready", stop_delay_s=delay)
+            self.systemd.extend_timeout(delay + SYSTEMD_SLACK_S)  # then _shutdown extends again
+            self._root.start_soon(self._stop_after, delay)
+            return
         if not self.stop_requested.is_set():
             log.info("supervisor.stopping")
         self.stop_requested.set()
         self.gens.abort_new("handoffd is stopping")
 
+    async def _stop_after(self, delay: float) -> None:
+        await trio.sleep(delay)
+        self.stop()
+
     def request_upgrade(self, request: UpgradeRequest) -> UpgradeTicket:
         """Queue an upgrade, joining the pending one of the same kind; a stopping or handed-over
         supervisor answers at once."""
-        stopping = self.stop_requested.is_set()
+        stopping = self.stop_requested.is_set() or self.metrics.stopping
         return self.queue.request(request, self.gens.number(), stopping, self.successor_pid)
 
     async def upgrade(
@@ -166,10 +189,14 @@ class Supervisor(ControlHandler):
     async def run(
         self,
         handover: Handover | None = None,
+        orphans: Orphans | None = None,
         *,
         task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Start generation 1 (or adopt the handed-over ones), run upgrades until stopped, drain.
+
+        ``orphans``: the workers a killed predecessor left running (``_custody``) are adopted
+        first; a fresh generation starts only if none of them is current.
 
         Calls ``task_status.started(True)`` once serving, or ``started(False)`` when a stop came
         before generation 1 was ready (it was drained; a clean exit).
@@ -181,9 +208,18 @@ class Supervisor(ControlHandler):
             self._root = root
             if handover is not None:
                 await self._adopt(handover)
-            elif not await self._start_first(root):
-                task_status.started(False)
-                return
+            else:
+                if orphans is not None:
+                    await self.gens.adopt(
+                        root,
+                        orphans.claim_generations(),
+                        orphans.current,
+                        self.loaded.config.supervisor,
+                        self.held.by_name,
+                    )
+                if self.current is None and not await self._start_first(root):
+                    task_status.started(False)
+                    return
             self.machine.to("running")
             task_status.started(True)
             async with trio.open_nursery() as upgrades:
@@ -222,8 +258,9 @@ class Supervisor(ControlHandler):
                 ticket.finish(ticket.failed("handoffd is stopping", self.gens.number()))
                 continue
             ticket.begin()
+            self.metrics.on_upgrade_started()
             self.upgrade_done = trio.Event()
-            root.start_soon(self.held.guard, self.upgrade_done)  # while N+1 starts and holds
+            root.start_soon(self.held.guard, self.upgrade_done, self.metrics.sample)  # N+1 starts
             try:
                 if ticket.request.supervisor:
                     reply = await self._upgrade_supervisor(ticket)
@@ -236,6 +273,7 @@ class Supervisor(ControlHandler):
             finally:
                 self.upgrade_done.set()
             ticket.finish(reply)
+            self.metrics.on_upgrade_finished(reply, supervisor=ticket.request.supervisor)
             if self.successor_pid is not None:
                 from ._handover import leave
 
@@ -243,6 +281,12 @@ class Supervisor(ControlHandler):
                 await leave(ticket, self.queue, self.successor_pid, self.stop_requested.is_set())
                 self.stop_requested.set()
                 return
+            if self.exec_plan is not None:
+                from ._handover import reexec
+
+                # Answer every caller, then become the new version (returns if exec failed).
+                await reexec(ticket, self.queue, self.stop_requested.is_set(), self._exec)
+                self.exec_plan = None
             # Let the callers' replies go out first; then return the upgrade's freed heap.
             await trio.lowlevel.checkpoint()
             release_after_upgrade()
@@ -263,15 +307,7 @@ class Supervisor(ControlHandler):
                 plan = self.held.plan(loaded)
                 processes = loaded.config.program.processes
                 ticket.phase("spawning", f"generation {self.gens.next_number}, {processes} workers")
-                gen = await self._start_generation(loaded, plan.wanted)
-                ticket.phase("ready", f"generation {gen.number} pids {gen.pids()}")
-                self.machine.to("holding", generation=gen.number)
-                hold = loaded.config.program.hold
-                if hold > 0:
-                    ticket.phase("holding", f"{hold:.1f}s")
-                lost = await self.gens.hold(gen, hold, stopping=self.stop_requested.is_set())
-                if lost is not None:
-                    raise UpgradeError(lost)
+                gen = await self._start_generation(loaded, plan.wanted, ticket)
             except HandoffError as exc:
                 reason: str | None = str(exc)
             except Exception as exc:  # the upgrade boundary: N keeps serving whatever happened
@@ -280,9 +316,6 @@ class Supervisor(ControlHandler):
             else:
                 reason = None
             if reason is not None or plan is None or gen is None:
-                if gen is not None:  # started, but will not serve: drained like a failed start
-                    ticket.phase("stopping", f"generation {gen.number}")
-                    await self.gens.stop_failed(gen)
                 if plan is not None:
                     self.held.roll_back(plan)
                 reply = ticket.failed(reason or "no listener plan", self.gens.number())
@@ -319,8 +352,14 @@ class Supervisor(ControlHandler):
         from ._handover import hand_over
 
         gens = self.generations()
+        in_place = self.self_upgrade_in_place()
         self.machine.to("self-upgrading")
-        log.info("upgrade.started", supervisor=True, exec_path=ticket.request.exec_path)
+        log.info(
+            "upgrade.started",
+            supervisor=True,
+            exec_path=ticket.request.exec_path,
+            in_place=in_place,
+        )
         outcome: HandoverOutcome | None = None
         try:
             outcome = await hand_over(
@@ -332,12 +371,17 @@ class Supervisor(ControlHandler):
                 systemd=self.systemd,
                 self_upgrade_timeout=self.loaded.config.supervisor.self_upgrade_timeout,
                 generation=self.gens.number(),
+                in_place=in_place,
+                spawner=self.gens.spawner,
             )
         finally:
             if outcome is None or outcome.successor_pid is None:
                 self._take_back(gens, () if outcome is None else outcome.spawned)
         assert outcome is not None
-        if outcome.successor_pid is not None and outcome.reply is not None:
+        if outcome.exec_plan is not None and outcome.reply is not None:
+            self.exec_plan = outcome.exec_plan
+            reply = outcome.reply
+        elif outcome.successor_pid is not None and outcome.reply is not None:
             # Committed: the control socket path is about to be the successor's (never unlink).
             self.successor_pid = outcome.successor_pid
             self.control_inode = None
@@ -348,6 +392,32 @@ class Supervisor(ControlHandler):
         self.last_upgrade = reply
         log_finished(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
         return reply
+
+    def self_upgrade_in_place(self) -> bool:
+        """Whether ``upgrade --self`` keeps our pid (see ``supervisor.self_upgrade``).
+
+        Only systemd follows a new main pid (MAINPID=, which needs NOTIFY_SOCKET); anything
+        else that started us (a shell's ``wait``, tini, runit, s6, supervisord) would see its
+        child exit and think the service died.
+        """
+        mode = self.loaded.config.supervisor.self_upgrade
+        if mode == "auto":
+            return not self.environ.get("NOTIFY_SOCKET")
+        return mode == "in-place"
+
+    def _exec(self, resend: Sequence[signal.Signals]) -> None:
+        """Re-execute in place (returns only if the exec failed: then we carry on, and say so)."""
+        from ._handover import exec_in_place
+
+        assert self.exec_plan is not None
+        assert self.control_socket is not None
+        try:
+            exec_in_place(self._view(), self.control_socket, self.exec_plan, resend)
+        except HandoffError as exc:
+            log.error("upgrade.exec_failed", reason=str(exc))
+            self.last_upgrade = self.last_upgrade and self.last_upgrade.model_copy(
+                update={"ok": False, "outcome": "failed", "reason": str(exc)}
+            )
 
     def _view(self) -> SupervisorView:
         from ._handover import SupervisorView
@@ -363,6 +433,7 @@ class Supervisor(ControlHandler):
             last_upgrade=self.last_upgrade,
             watchdog_interval=self.systemd.watchdog_interval,
             notify_socket=self.environ.get("NOTIFY_SOCKET") or None,
+            metrics=self.metrics.dump(),
         )
 
     def _take_back(self, gens: Sequence[Generation], spawned: Sequence[int]) -> None:
@@ -379,17 +450,32 @@ class Supervisor(ControlHandler):
     # ---- generations ----
 
     async def _start_generation(
-        self, loaded: LoadedConfig, listeners: Mapping[str, Listener]
+        self,
+        loaded: LoadedConfig,
+        listeners: Mapping[str, Listener],
+        ticket: UpgradeTicket | None = None,
     ) -> Generation:
-        """Spawn the next generation and return it once ready; raises ``SpawnError`` if not."""
+        """Bring up the next generation (``_rolling``): ready, and through its hold if it is
+        an upgrade's; raises ``HandoffError`` with the reason if it cannot serve."""
         assert self._root is not None
         config = loaded.config
         program = config.program
         self.systemd.extend_timeout(program.ready_timeout + program.hold + SYSTEMD_SLACK_S)
         # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
         fdset = [(lc.name, listeners[lc.name]) for lc in config.listener]
-        return await self.gens.start(
-            self._root, config.program, config.supervisor, fdset, self._created
+        if ticket is None:  # generation 1: nothing to hold against
+            return await self.gens.start(
+                self._root, program, config.supervisor, fdset, self._created
+            )
+        return await bring_up(
+            self.gens,
+            self._root,
+            loaded,
+            fdset,
+            on_created=self._created,
+            phase=ticket.phase,
+            to_phase=lambda phase: self.machine.to(phase),
+            stopping=self.stop_requested.is_set,
         )
 
     def _created(self, gen: Generation) -> None:

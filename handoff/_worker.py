@@ -49,6 +49,7 @@ from ._address import parse_address
 from ._errors import ListenerError, ListenPidMismatchError, ProtocolError
 from ._fdname import FDNAME_RULE, valid_fdname
 from ._listen_fds import parse_listen_fds
+from ._platform import SOCK_CLOEXEC
 from ._sdnotify import notify
 
 if TYPE_CHECKING:
@@ -264,14 +265,14 @@ def _find_inherited(address: Address) -> socket.socket | None:
 def _bind(address: Address) -> socket.socket:
     if address.is_unix:
         kind = socket.SOCK_STREAM if address.kind == "unix" else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, kind | SOCK_CLOEXEC)
         target: str | bytes | tuple[str, int] = (
             b"\0" + os.fsencode(address.path[1:]) if address.is_abstract else address.path
         )
     else:
         kind = socket.SOCK_STREAM if address.kind == "tcp" else socket.SOCK_DGRAM
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, kind | socket.SOCK_CLOEXEC)
+        sock = socket.socket(family, kind | SOCK_CLOEXEC)
         target = (address.host, address.port)
     try:
         if address.kind == "tcp":

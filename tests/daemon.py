@@ -34,7 +34,7 @@ def write_config(
     *,
     command: list[str] | None = None,
     processes: int = 2,
-    ready: str = "notify",
+    ready: str | None = "notify",
     ready_timeout: float = 10,
     hold: float | None = 0,
     drain_timeout: float = 10,
@@ -42,7 +42,9 @@ def write_config(
     listeners: list[tuple[str, str]] | list[tuple[str, str, str]] | None = None,
     extra_program: str = "",
     extra_supervisor: str = "",
+    metrics: str | None = None,
 ) -> None:
+    """``metrics``: the ``[metrics] address`` (None: no such section)."""
     listeners = listeners if listeners is not None else [("http", "127.0.0.1:0")]
     lines = [
         "[supervisor]",
@@ -57,7 +59,8 @@ def write_config(
         "[program]",
         f"command = {json.dumps(command or worker_command())}",
         f"processes = {processes}",
-        f'ready = "{ready}"',
+        # None leaves the key out: the daemon's default readiness.
+        *([] if ready is None else [f'ready = "{ready}"']),
         f"ready_timeout = {ready_timeout}",
         # The tests written before the canary hold keep their speed and meaning: hold = 0 unless
         # a test asks for one (None: the default hold).
@@ -68,6 +71,8 @@ def write_config(
     if env:
         lines.append("[program.env]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in env.items()]
+    if metrics is not None:
+        lines += ["[metrics]", f'address = "{metrics}"']
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -226,7 +231,9 @@ class Daemon:
             self.wait_event(
                 "supervisor.ready", where=lambda e: e.get("handover_from") == old, start=mark
             )
-            if old == self.proc.pid:
+            if new == old:
+                pass  # re-executed in place: the same process, a new image
+            elif old == self.proc.pid:
                 self.proc.wait(30)
             else:
                 wait_until(lambda: not pid_alive(old), 30, f"old supervisor {old} to exit")

@@ -5,6 +5,9 @@ a ``FakeProcess`` the test drives. A fake worker speaks the real sd_notify proto
 notify socket the generation bound (``notify("READY=1")``), so everything above the seam is the
 production code. Run these on trio's ``autojump_clock``: timeouts and backoffs pass instantly.
 
+Notify access: a fake's tree is the test process (``FakeProcess.tree``), since its datagrams come
+from there; empty it to see a worker's datagrams refused as an intruder's would be.
+
 Observed readiness: ``FakeSpawner.probe`` is a ``_readiness.ReadinessProbe`` that reports a fake
 process as accepting while its ``accepting`` flag is set (``holds`` says whether it still holds a
 listener); ``unobservable`` makes every tree unobservable, as on a host without ``/proc``.
@@ -13,6 +16,7 @@ listener); ``unobservable`` makes every tree unobservable, as on a host without 
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -22,8 +26,9 @@ from pathlib import Path
 import trio
 
 from handoff._errors import SpawnError
+from handoff._notify_access import Attribution, NotifySender
+from handoff._processes import NO_SETTINGS, WorkerSettings
 from handoff._readiness import TreeCheck
-from handoff._spawn import NO_SETTINGS, WorkerSettings
 
 _pids = itertools.count(900_001)
 
@@ -46,6 +51,8 @@ class FakeProcess:
     #: What the fake probe sees: waiting on a listener, holding one.
     accepting: bool = False
     holds: bool = True
+    #: Senders in its "tree": the test process, which sends its datagrams (``notify``).
+    tree: frozenset[int] = field(default_factory=lambda: frozenset({os.getpid()}))
     _exited: trio.Event = field(default_factory=trio.Event)
     _signal_send: trio.MemorySendChannel[int] | None = None
     _signal_receive: trio.MemoryReceiveChannel[int] | None = None
@@ -89,6 +96,11 @@ class FakeProcess:
     async def wait_group_exited(self) -> None:
         await trio.lowlevel.checkpoint()
 
+    def attribute(self, sender: NotifySender) -> Attribution:
+        if sender.pid in self.tree:
+            return Attribution(True, "the fake worker's tree")
+        return Attribution(False, f"pid {sender.pid} is not in the fake worker's tree")
+
     def exit(self, code: int) -> None:
         """The process ends with ``code`` (``-N``: killed by signal N)."""
         if self.returncode is None:
@@ -118,6 +130,7 @@ class FakeSpawner:
     """A ``Spawner`` whose processes are ``FakeProcess``es; ``behaviour`` runs on each spawn."""
 
     behaviour: Behaviour = ready_at_once
+    handover_refusal: str | None = None
     processes: list[FakeProcess] = field(default_factory=list)
     fail_with: str | None = None
     #: Set: every tree is unobservable with this reason (a host where /proc shows nothing).

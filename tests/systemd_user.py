@@ -191,15 +191,20 @@ class SystemdUser:
     def install_shipped_unit(self, name: str, *, executable: Path, config: Path) -> Path:
         """Install ``deploy/NAME`` as shipped, with only its two paths substituted.
 
-        The unit names ``/usr/local/bin/handoffd`` and ``/etc/handoffd/handoffd.toml`` (see its
-        header); they become ``executable`` and ``config``. A drop-in adapts the sandbox to a user
-        manager without weakening it: ``PrivateUsers=yes`` (a user manager can apply
-        ProtectSystem=, PrivateTmp=, capability drops... only inside a user namespace) and
-        ``BindPaths=`` for this manager's directory, which ``PrivateTmp=yes`` would hide.
+        The unit names ``/opt/handoffd/bin/handoffd`` (the venv the README installs) and
+        ``/etc/handoffd/handoffd.toml`` (see its header); they become ``executable`` (a wrapper
+        running the checkout under test on ``TEST_PYTHON``, the venv the services' user can read)
+        and ``config``. A drop-in adapts the unit to a user manager without weakening the sandbox:
+        ``PrivateUsers=yes`` (a user manager can apply ProtectSystem=, PrivateTmp=, capability
+        drops... only inside a user namespace); ``BindPaths=`` for this manager's directory, which
+        ``PrivateTmp=yes`` would hide; ``User=``/``Group=`` emptied, because a user manager runs
+        every service as its own unprivileged user and cannot switch to ``handoffd`` (that user is
+        what the unit's ``User=handoffd`` stands for). (``LimitNOFILE=``'s hard limit, above
+        this manager's, is clamped to it by systemd.)
         """
         text = (REPO / "deploy" / name).read_text()
         for shipped, ours in (
-            ("/usr/local/bin/handoffd", str(executable)),
+            ("/opt/handoffd/bin/handoffd", str(executable)),
             ("/etc/handoffd/handoffd.toml", str(config)),
         ):
             assert shipped in text, f"deploy/{name} no longer names {shipped}"
@@ -208,18 +213,19 @@ class SystemdUser:
         dropin.mkdir()
         dropin.chmod(0o755)
         (dropin / "user-manager.conf").write_text(
-            f"[Service]\nPrivateUsers=yes\nBindPaths={self.base}\n"
+            f"[Service]\nPrivateUsers=yes\nBindPaths={self.base}\nUser=\nGroup=\n"
         )
         (dropin / "user-manager.conf").chmod(0o644)
         return self.write_unit(name, text)
 
     def install_shipped_socket(self, name: str, *, listen: str) -> Path:
         """Install ``deploy/NAME`` (a .socket unit) as shipped, listening on ``listen`` instead of
-        its ``ListenStream=8080``."""
-        text = (REPO / "deploy" / name).read_text()
-        shipped = "ListenStream=8080\n"
-        assert text.count(shipped) == 1, f"deploy/{name} no longer has one {shipped!r}"
-        return self.write_unit(name, text.replace(shipped, f"ListenStream={listen}\n"))
+        the address on its one ``ListenStream=`` line."""
+        lines = (REPO / "deploy" / name).read_text().splitlines(keepends=True)
+        shipped = [i for i, line in enumerate(lines) if line.startswith("ListenStream=")]
+        assert len(shipped) == 1, f"deploy/{name} no longer has one ListenStream= line"
+        lines[shipped[0]] = f"ListenStream={listen}\n"
+        return self.write_unit(name, "".join(lines))
 
     def require_python(self) -> Path:
         """The interpreter for services; skips the test when it is not set up for sdtest."""

@@ -5,7 +5,8 @@ written by someone else would (no handoff library).
 
 Modes:
 - ``serve`` (default): HTTP on every passed stream socket, READY=1, drains on SIGTERM.
-- ``exit``: exits 1 at once (a broken new version).
+- ``exit``: exits 1 at once (a broken new version); ``WORKER_EXIT_INDEX=N`` makes only worker
+  N of a generation do so.
 - ``never_ready``: serves but never sends READY=1.
 - ``ignore_term``: serves, but ignores SIGTERM (must be SIGKILLed after drain_timeout).
 - ``shutdown_on_term``: serves; when told to drain, calls shutdown(SHUT_RDWR) on its inherited
@@ -13,6 +14,10 @@ Modes:
   "stop accepting" that is wrong for a shared socket).
 - ``strict``: first checks exactly what libsystemd's sd_listen_fds(3) checks, and exits 3 with
   the reason on stderr if anything is off; then serves.
+
+With any serving mode, ``WORKER_NO_ACCEPT=1`` makes it ready without ever accepting (the
+connections wait in the accept queue until it drains), and ``WORKER_TERM_LOG=path`` makes it
+append ``pid monotonic-time`` to ``path`` when SIGTERM arrives.
 """
 
 from __future__ import annotations
@@ -82,13 +87,22 @@ def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = Fa
         s.setblocking(False)
         listeners.append(s)
         sel.register(s, selectors.EVENT_READ, "listener")
+    if os.environ.get("WORKER_NO_ACCEPT") == "1":
+        for s in listeners:
+            sel.unregister(s)
     rfd, wfd = os.pipe()
     os.set_blocking(wfd, False)
     signal.set_wakeup_fd(wfd)
     draining = False
+    term_log = os.environ.get("WORKER_TERM_LOG")
 
     def on_term(signum: int, frame: object) -> None:
         nonlocal draining
+        if term_log and signum == signal.SIGTERM:
+            import time
+
+            with open(term_log, "a") as f:
+                f.write(f"{os.getpid()} {time.monotonic()}\n")
         if not ignore_term:
             draining = True
 
@@ -101,7 +115,8 @@ def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = Fa
     while True:
         if draining and listeners:
             for s in listeners:
-                sel.unregister(s)
+                with contextlib.suppress(KeyError):  # WORKER_NO_ACCEPT: never registered
+                    sel.unregister(s)
                 if shutdown:
                     with contextlib.suppress(OSError):  # ENOTCONN: another worker did it first
                         s.shutdown(socket.SHUT_RDWR)
@@ -158,6 +173,8 @@ def serve(fds: list[int], ignore_term: bool, announce: bool, shutdown: bool = Fa
 
 def main() -> None:
     mode = os.environ.get("WORKER_MODE", "serve")
+    if os.environ.get("WORKER_EXIT_INDEX") == os.environ.get("HANDOFF_WORKER", "-"):
+        mode = "exit"  # only this worker of the generation is broken
     if mode == "exit":
         print("test worker: failing on purpose", file=sys.stderr)
         sys.exit(1)

@@ -2,7 +2,9 @@
 
 Same version file as bench/apps/app.py, read at import, which gunicorn does in each new worker
 after fork (no ``--preload``), so SIGHUP's new workers pick up the new version. ``slow`` sleeps
-2 s during import; ``broken`` exits 1 during import. Keep-alive and drain are gunicorn's: the
+2 s during import; ``broken`` exits 1 during import (gunicorn respawns such a worker for ever);
+``import-error`` raises ImportError, as a bad deploy does (gunicorn's worker exits with its
+app-load error and the arbiter halts). Keep-alive and drain are gunicorn's: the
 sync worker answers one request per connection and finishes it on SIGTERM.
 """
 
@@ -31,6 +33,8 @@ GENERATION, MODE = _load_version()
 if MODE == "broken":
     print(f"wsgi: version {GENERATION} is broken (mode=broken)", file=sys.stderr)
     sys.exit(1)
+if MODE == "import-error":
+    raise ImportError(f"wsgi: version {GENERATION} is broken (mode=import-error)")
 if MODE == "slow":
     time.sleep(SLOW_START)
 

@@ -83,15 +83,26 @@ def wait_serving(address: tuple[str, int], timeout: float, generation: int | Non
     raise TimeoutError(f"{address} not serving (generation {generation}) after {timeout} s: {last}")
 
 
-def run_command(cmd: list[str], timeout: float = RELOAD_TIMEOUT, **kwargs: object) -> tuple[int | None, str]:
+def run_command(
+    cmd: list[str], timeout: float = RELOAD_TIMEOUT, **kwargs: object
+) -> tuple[int | None, str]:
     """Run a control command; returns (exit code or None on timeout, combined output)."""
     try:
         proc = subprocess.run(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout, check=False,
-            text=True, **kwargs,  # type: ignore[arg-type]
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+            text=True,
+            **kwargs,  # type: ignore[arg-type]
         )
     except subprocess.TimeoutExpired as exc:
-        out = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
+        out = (
+            exc.stdout
+            if isinstance(exc.stdout, str)
+            else (exc.stdout or b"").decode(errors="replace")
+        )
         return None, out
     return proc.returncode, proc.stdout
 
@@ -115,6 +126,11 @@ class Peer:
     pgids: list[int] = field(default_factory=list)
     # Processes stop() had to SIGKILL after STOP_TIMEOUT: a peer that does not stop cleanly.
     killed: list[str] = field(default_factory=list)
+    # "own": the peer's usual app; "gunicorn": an unmodified gunicorn (GUNICORN_APP) as the
+    # app, run the way this peer would run any server (scenarios gunicorn-slow/-broken).
+    app: str = "own"
+    # Why the peer cannot run gunicorn as its app, or None when it can.
+    gunicorn_na: ClassVar[str | None] = None
 
     # -- availability ---------------------------------------------------------------------
     @classmethod
@@ -139,7 +155,13 @@ class Peer:
     # -- helpers -------------------------------------------------------------------------
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
-        for key in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "SERVER_STARTER_PORT"):
+        for key in (
+            "NOTIFY_SOCKET",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "SERVER_STARTER_PORT",
+        ):
             env.pop(key, None)
         env["BENCH_VERSION_FILE"] = str(self.version_file)
         env["PYTHONUNBUFFERED"] = "1"
@@ -150,8 +172,13 @@ class Peer:
         log = open(self.workdir / log_name, "ab")  # noqa: SIM115 (closed in reap_all)
         kwargs.setdefault("env", self.env())
         proc = subprocess.Popen(  # type: ignore[call-overload]
-            cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True, cwd=self.workdir, **kwargs,
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.workdir,
+            **kwargs,
         )
         log.close()
         self.procs.append(proc)
@@ -184,6 +211,47 @@ class Peer:
             return (self.workdir / log_name).read_text(errors="replace")[-n:]
         except FileNotFoundError:
             return ""
+
+
+_GUNICORN_FLAGS: list[str] | None = None
+
+
+def gunicorn_argv(*bind: str) -> list[str]:
+    """An unmodified gunicorn: 2 sync workers, no ``--preload``, bench/apps/wsgi.py as the app.
+
+    ``bind``: how this peer hands it the socket (``--bind fd://N``, ``--bind HOST:PORT``), or
+    nothing for handoffd, whose ``LISTEN_FDS`` gunicorn reads by itself.
+    """
+    global _GUNICORN_FLAGS
+    if _GUNICORN_FLAGS is None:
+        # gunicorn >= 27 opens a control socket in ~/.gunicorn by default, shared by every
+        # instance of the user; the benchmark does not use it.
+        help_text = subprocess.run(
+            [str(which("gunicorn")), "--help"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        ).stdout
+        _GUNICORN_FLAGS = ["--no-control-socket"] if "--no-control-socket" in help_text else []
+    return [
+        str(which("gunicorn")),
+        "--workers",
+        "2",
+        "--worker-class",
+        "sync",
+        *bind,
+        "--backlog",
+        "1024",
+        "--chdir",
+        str(APPS),
+        "--graceful-timeout",
+        "20",
+        "--log-level",
+        "warning",
+        *_GUNICORN_FLAGS,
+        "wsgi:app",
+    ]
 
 
 def group_alive(pgid: int) -> list[int]:

@@ -9,6 +9,7 @@ is just respawned.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from typing import ClassVar
@@ -20,6 +21,7 @@ from bench.peers import (
     ReloadOutcome,
     Requirement,
     free_port,
+    gunicorn_argv,
     run_command,
     wait_serving,
     which,
@@ -34,7 +36,7 @@ check_delay = 5
 loglevel = WARNING
 
 [watcher:app]
-cmd = {python} {app} --fd $(circus.sockets.web)
+cmd = {cmd}
 use_sockets = True
 numprocesses = 2
 graceful_timeout = 20
@@ -51,7 +53,9 @@ backlog = 1024
 class CircusPeer(Peer):
     name: ClassVar[str] = "circus"
     summary: ClassVar[str] = "circusd holds the socket, 2 app processes, circusctl reload --waiting"
-    self_upgrade_na: ClassVar[str | None] = "circusd cannot replace itself; restarting it closes the socket"
+    self_upgrade_na: ClassVar[str | None] = (
+        "circusd cannot replace itself; restarting it closes the socket"
+    )
     requires: ClassVar[list[Requirement]] = [Requirement("pip", "circus")]
 
     @classmethod
@@ -67,20 +71,38 @@ class CircusPeer(Peer):
         port = free_port()
         self.address = ("127.0.0.1", port)
         ini = self.workdir / "circus.ini"
-        ini.write_text(INI.format(dir=self.workdir, python=sys.executable, app=APP, port=port))
+        cmd = f"{sys.executable} {APP} --fd $(circus.sockets.web)"
+        if self.app == "gunicorn":
+            cmd = shlex.join(gunicorn_argv("--bind", "fd://FD")).replace(
+                "FD", "$(circus.sockets.web)"
+            )
+        ini.write_text(INI.format(dir=self.workdir, cmd=cmd, port=port))
         self.spawn([str(which("circusd")), str(ini)], "circusd.log")
         wait_serving(self.address, START_TIMEOUT)
 
     def reload(self) -> ReloadOutcome:
-        rc, out = run_command([str(which("circusctl")), "--endpoint", self.endpoint(), "--timeout", "30",
-                               "reload", "app", "--waiting"])
+        rc, out = run_command(
+            [
+                str(which("circusctl")),
+                "--endpoint",
+                self.endpoint(),
+                "--timeout",
+                "30",
+                "reload",
+                "app",
+                "--waiting",
+            ]
+        )
         text = out.strip().splitlines()[-1] if out.strip() else ""
         if rc == 0 and "error" not in text.lower():
             return ReloadOutcome("ok", text[-200:])
         return ReloadOutcome("failed", f"exit {rc}: {text[-200:]}")
 
     def stop(self) -> None:
-        rc, _ = run_command([str(which("circusctl")), "--endpoint", self.endpoint(), "quit", "--waiting"], timeout=40)
+        rc, _ = run_command(
+            [str(which("circusctl")), "--endpoint", self.endpoint(), "quit", "--waiting"],
+            timeout=40,
+        )
         if rc != 0:
             for proc in self.procs:
                 if proc.poll() is None:

@@ -15,18 +15,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from typing import ClassVar
 
 from bench.peers import (
-    APPS,
     START_TIMEOUT,
     Peer,
     ReloadOutcome,
     Requirement,
     free_port,
+    gunicorn_argv,
     wait_serving,
     which,
 )
@@ -34,7 +33,9 @@ from bench.peers import (
 
 class GunicornPeer(Peer):
     name: ClassVar[str] = "gunicorn"
-    summary: ClassVar[str] = "gunicorn 2 sync workers, SIGHUP (no keep-alive: the sync worker closes every connection)"
+    summary: ClassVar[str] = (
+        "gunicorn 2 sync workers, SIGHUP (no keep-alive: the sync worker closes every connection)"
+    )
     self_upgrade_na: ClassVar[str | None] = None
     requires: ClassVar[list[Requirement]] = [Requirement("pip", "gunicorn")]
 
@@ -58,26 +59,12 @@ class GunicornPeer(Peer):
                 continue
         raise FileNotFoundError(self.pidfile)
 
-    @staticmethod
-    def extra_flags() -> list[str]:
-        # gunicorn >= 27 opens a control socket in ~/.gunicorn by default, shared by every
-        # instance of the user; the benchmark does not use it.
-        help_text = subprocess.run([str(which("gunicorn")), "--help"], capture_output=True, text=True,
-                                   check=False, timeout=30).stdout
-        return ["--no-control-socket"] if "--no-control-socket" in help_text else []
-
     def start(self) -> None:
         port = free_port()
         self.address = ("127.0.0.1", port)
+        # Its own app is already the unmodified gunicorn: app="gunicorn" changes nothing.
         self.spawn(
-            [
-                str(which("gunicorn")), "--workers", "2", "--worker-class", "sync",
-                "--bind", f"127.0.0.1:{port}", "--backlog", "1024", "--pid", self.pidfile,
-                "--chdir", str(APPS), "--graceful-timeout", "20", "--log-level", "warning",
-                *self.extra_flags(),
-                "wsgi:app",
-            ],
-            "gunicorn.log",
+            gunicorn_argv("--bind", f"127.0.0.1:{port}", "--pid", self.pidfile), "gunicorn.log"
         )
         wait_serving(self.address, START_TIMEOUT)
 
@@ -105,7 +92,9 @@ class GunicornPeer(Peer):
             return ReloadOutcome("none", f"new master's workers never served: {exc}")
         os.kill(old, signal.SIGWINCH)
         os.kill(old, signal.SIGTERM)
-        return ReloadOutcome("none", "USR2, then WINCH+TERM to the old master once the new workers served")
+        return ReloadOutcome(
+            "none", "USR2, then WINCH+TERM to the old master once the new workers served"
+        )
 
     def stop(self) -> None:
         for path in (self.pidfile + ".2", self.pidfile):

@@ -18,6 +18,7 @@ from bench.peers import (
     Peer,
     ReloadOutcome,
     Requirement,
+    gunicorn_argv,
     run_command,
     wait_serving,
     which,
@@ -31,8 +32,12 @@ def handoffd_config(
     processes: int = 2,
     drain_timeout: float = 30,
     env: dict[str, str] | None = None,
+    ready: str | None = "notify",
 ) -> str:
-    """The config every benchmark runs handoffd with: one "http" listener on a free port."""
+    """The config every benchmark runs handoffd with: one "http" listener on a free port.
+
+    ``ready=None`` leaves the key out: handoffd's default readiness, as a new user gets it.
+    """
     lines = [
         "[supervisor]",
         f"runtime_dir = {json.dumps(str(runtime_dir))}",
@@ -43,7 +48,7 @@ def handoffd_config(
         "[program]",
         f"command = {json.dumps(command)}",
         f"processes = {processes}",
-        'ready = "notify"',
+        *([] if ready is None else [f"ready = {json.dumps(ready)}"]),
         "ready_timeout = 30",
         'stop_signal = "SIGTERM"',
         f"drain_timeout = {drain_timeout}",
@@ -88,13 +93,13 @@ class HandoffdPeer(Peer):
     def start(self) -> None:
         runtime = self.workdir / "run"
         runtime.mkdir(exist_ok=True)
-        (self.workdir / "handoffd.toml").write_text(
-            handoffd_config(
-                runtime,
-                [sys.executable, str(APP)],
-                env={"BENCH_VERSION_FILE": str(self.version_file)},
-            )
-        )
+        env = {"BENCH_VERSION_FILE": str(self.version_file)}
+        if self.app == "gunicorn":
+            # One gunicorn (2 workers) reading LISTEN_FDS, with the default readiness.
+            config = handoffd_config(runtime, gunicorn_argv(), processes=1, env=env, ready=None)
+        else:
+            config = handoffd_config(runtime, [sys.executable, str(APP)], env=env)
+        (self.workdir / "handoffd.toml").write_text(config)
         proc = self.spawn(self.cli("run"), "handoffd.log")
         deadline = time.monotonic() + START_TIMEOUT
         status: dict[str, object] = {}
@@ -106,8 +111,9 @@ class HandoffdPeer(Peer):
             status = self.status()
             workers = status.get("workers") or []
             listeners = status.get("listeners") or []
-            # The worker state names are the lead's; being listed and the socket answering is enough.
-            if workers and listeners:
+            # Every worker ready before the load starts, as the baseline's start waits for every
+            # app (bench/peers/naive.py): the steady-state pair compares the same 2 workers.
+            if listeners and workers and all(w.get("state") == "ready" for w in workers):  # type: ignore[union-attr]
                 address = str(listeners[0]["address"])  # type: ignore[index]
                 host, _, port = address.rpartition(":")
                 self.address = (host.strip("[]"), int(port))

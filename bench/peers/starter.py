@@ -12,6 +12,7 @@ RELOAD_TIMEOUT).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from typing import ClassVar
@@ -23,6 +24,7 @@ from bench.peers import (
     ReloadOutcome,
     Requirement,
     free_port,
+    gunicorn_argv,
     run_command,
     wait_serving,
     which,
@@ -34,7 +36,9 @@ RESTART_TIMEOUT = 8.0
 
 class StarterPeer(Peer):
     name: ClassVar[str] = "start_server"
-    summary: ClassVar[str] = "Server::Starter start_server --restart, worker = launch.py (2 apps on the inherited fd)"
+    summary: ClassVar[str] = (
+        "Server::Starter start_server --restart, worker = launch.py (2 apps on the inherited fd)"
+    )
     self_upgrade_na: ClassVar[str | None] = "start_server cannot replace itself"
     requires: ClassVar[list[Requirement]] = [Requirement("apt", "libserver-starter-perl")]
 
@@ -45,25 +49,46 @@ class StarterPeer(Peer):
         return None
 
     def files(self) -> list[str]:
-        return [f"--pid-file={self.workdir / 'starter.pid'}", f"--status-file={self.workdir / 'starter.status'}"]
+        return [
+            f"--pid-file={self.workdir / 'starter.pid'}",
+            f"--status-file={self.workdir / 'starter.status'}",
+        ]
 
     def start(self) -> None:
         port = free_port()
         self.address = ("127.0.0.1", port)
+        worker = [sys.executable, str(LAUNCH), "--inherit-starter", "--processes", "2"]
+        if self.app == "gunicorn":
+            # SERVER_STARTER_PORT is "127.0.0.1:PORT=FD": gunicorn takes the FD.
+            argv = shlex.join(gunicorn_argv("--bind", "fd://FD"))
+            worker = [
+                "sh",
+                "-c",
+                "exec " + argv.replace("fd://FD", 'fd://"${SERVER_STARTER_PORT##*=}"'),
+            ]
         self.spawn(
             [
-                str(which("start_server")), f"--port=127.0.0.1:{port}", "--backlog=1024",
-                *self.files(), "--signal-on-hup=TERM", "--signal-on-term=TERM", "--",
-                sys.executable, str(LAUNCH), "--inherit-starter", "--processes", "2",
+                str(which("start_server")),
+                f"--port=127.0.0.1:{port}",
+                "--backlog=1024",
+                *self.files(),
+                "--signal-on-hup=TERM",
+                "--signal-on-term=TERM",
+                "--",
+                *worker,
             ],
             "start_server.log",
         )
         wait_serving(self.address, START_TIMEOUT)
 
     def reload(self) -> ReloadOutcome:
-        rc, out = run_command([str(which("start_server")), "--restart", *self.files()], timeout=RESTART_TIMEOUT)
+        rc, out = run_command(
+            [str(which("start_server")), "--restart", *self.files()], timeout=RESTART_TIMEOUT
+        )
         if rc is None:
-            return ReloadOutcome("none", f"start_server --restart still waiting after {RESTART_TIMEOUT} s")
+            return ReloadOutcome(
+                "none", f"start_server --restart still waiting after {RESTART_TIMEOUT} s"
+            )
         if rc == 0:
             return ReloadOutcome("ok", "--restart returned once only the new generation was left")
         return ReloadOutcome("failed", f"exit {rc}: {out.strip()[-200:]}")

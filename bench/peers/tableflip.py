@@ -47,10 +47,23 @@ def build() -> str | None:
     if BINARY.exists() and BINARY.stat().st_mtime >= src.stat().st_mtime:
         return None
     BINARY.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, GO111MODULE="off", GOPATH=str(GOPATH), GOFLAGS="", GOPROXY="off",
-               GOCACHE=str(BINARY.parent / "cache"))
-    proc = subprocess.run([go, "build", "-o", str(BINARY), "."], cwd=GO_SRC, env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    env = dict(
+        os.environ,
+        GO111MODULE="off",
+        GOPATH=str(GOPATH),
+        GOFLAGS="",
+        GOPROXY="off",
+        GOCACHE=str(BINARY.parent / "cache"),
+    )
+    proc = subprocess.run(
+        [go, "build", "-o", str(BINARY), "."],
+        cwd=GO_SRC,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     if proc.returncode != 0:
         return f"go build failed: {proc.stderr.strip()[-300:]}"
     return None
@@ -58,8 +71,15 @@ def build() -> str | None:
 
 class TableflipPeer(Peer):
     name: ClassVar[str] = "tableflip"
-    summary: ClassVar[str] = "Go net/http + cloudflare/tableflip, SIGHUP re-exec (1 process, all cores)"
-    self_upgrade_na: ClassVar[str | None] = "the reload itself re-executes the binary (scenario 1 is its self-upgrade)"
+    summary: ClassVar[str] = (
+        "Go net/http + cloudflare/tableflip, SIGHUP re-exec (1 process, all cores)"
+    )
+    self_upgrade_na: ClassVar[str | None] = (
+        "the reload itself re-executes the binary (scenario 1 is its self-upgrade)"
+    )
+    gunicorn_na: ClassVar[str | None] = (
+        "the app is the Go binary that re-executes itself: it cannot host gunicorn"
+    )
     requires: ClassVar[list[Requirement]] = [
         Requirement("apt", "golang-go"),
         Requirement("apt", "golang-github-cloudflare-tableflip-dev"),
@@ -76,7 +96,10 @@ class TableflipPeer(Peer):
     def start(self) -> None:
         port = free_port()
         self.address = ("127.0.0.1", port)
-        self.spawn([str(BINARY), "-listen", f"127.0.0.1:{port}", "-pid-file", str(self.pidfile)], "tableflip.log")
+        self.spawn(
+            [str(BINARY), "-listen", f"127.0.0.1:{port}", "-pid-file", str(self.pidfile)],
+            "tableflip.log",
+        )
         wait_serving(self.address, START_TIMEOUT)
 
     def current_pid(self) -> int:

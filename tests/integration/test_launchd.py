@@ -22,13 +22,17 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from bench.strict_client import LoadClient
 from handoff._config import LoadedConfig, load_config
 from handoff._errors import ListenerError
 from handoff._held import open_listeners
 from handoff._launchd import LaunchdLibrary, activate_socket, launchd_sockets, load_libsystem
+from handoff._platform import pidfd_problem
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
+
+    from tests.daemon import Daemon
 
 STUB_SOURCE = Path(__file__).resolve().parent.parent / "launchd_stub" / "launch_stub.c"
 
@@ -240,3 +244,216 @@ print(json.dumps([sock.getsockname()[1], lib.stub_port(b"http", 0), sock is agai
     assert port == declared
     assert same is True
     assert outstanding == 0
+
+
+# ---- handoffd started "by launchd": the stand-in as libSystem, a real daemon, real load ----
+
+RUN_UNDER_STUB = Path(__file__).resolve().parent.parent / "launchd_stub" / "run_handoffd.py"
+
+
+def _launchd_daemon(
+    run_daemon: Callable[..., Daemon], stub_cdll: ctypes.CDLL, platform: str
+) -> Daemon:
+    daemon = run_daemon(
+        env={"HANDOFF_PLATFORM": platform},
+        wrap=[sys.executable, str(RUN_UNDER_STUB), stub_cdll._name, "http"],
+        processes=2,
+    )
+    inherited = daemon.wait_event("launchd.sockets_inherited")
+    assert inherited["names"] == ["http"]
+    (http,) = daemon.status()["listeners"]
+    assert (http["name"], http["origin"]) == ("http", "inherited")
+    return daemon
+
+
+def test_launchd_started_daemon_on_the_portable_watcher_serves_and_upgrades_under_load(
+    run_daemon: Callable[..., Daemon], stub_cdll: ctypes.CDLL
+) -> None:
+    daemon = _launchd_daemon(run_daemon, stub_cdll, "portable")
+    assert any(d.startswith("process watcher") for d in daemon.status()["degraded"])
+    client = LoadClient(daemon.address(), keepalive=4, fresh=2, max_duration=120)
+    client.start()
+    try:
+        assert client.wait_for_responses(50, timeout=30)
+        for upgrade in range(3):
+            code, reply = daemon.upgrade()
+            assert code == 0, reply
+            assert reply["generation"] == upgrade + 2
+            seen = client.snapshot().total
+            assert client.wait_for_responses(seen + 20, timeout=30), "load stalled after upgrade"
+        # The self-upgrade is refused on this watcher, with the documented sentence; serving goes on.
+        code, reply = daemon.upgrade("--self")
+        assert code == 1, reply
+        assert "self-upgrade is not available with the waitid process watcher" in reply["reason"]
+        seen = client.snapshot().total
+        assert client.wait_for_responses(seen + 20, timeout=30)
+    finally:
+        report = client.stop()
+    assert report.failed == 0, report.describe()
+    assert {1, 2, 3, 4} <= set(report.by_generation), report.by_generation
+
+
+@pytest.mark.skipif(pidfd_problem() is not None, reason=f"{pidfd_problem()}")
+def test_launchd_started_daemon_self_upgrades_under_load_keeping_the_launchd_socket(
+    run_daemon: Callable[..., Daemon], stub_cdll: ctypes.CDLL
+) -> None:
+    """The successor never asks launchd: the socket launchd bound travels in the handover.
+
+    launchd, like any manager but systemd, follows the pid it started: outside systemd the
+    self-upgrade re-executes in place, so the pid stays the one launchd watches.
+    """
+    daemon = _launchd_daemon(run_daemon, stub_cdll, "")
+    address = daemon.address()
+    workers = daemon.worker_pids()
+    client = LoadClient(address, keepalive=4, fresh=2, max_duration=120)
+    client.start()
+    try:
+        assert client.wait_for_responses(50, timeout=30)
+        code, reply = daemon.self_upgrade()
+        assert code == 0, reply
+        seen = client.snapshot().total
+        assert client.wait_for_responses(seen + 20, timeout=30), "load stalled after handover"
+        code, reply = daemon.upgrade()
+        assert code == 0, reply
+        seen = client.snapshot().total
+        assert client.wait_for_responses(seen + 20, timeout=30), "load stalled after upgrade"
+    finally:
+        report = client.stop()
+    assert report.failed == 0, report.describe()
+    assert daemon.pid == daemon.proc.pid
+    (http,) = daemon.status()["listeners"]
+    assert http["origin"] == "handed-over"
+    assert daemon.address() == address
+    assert not set(workers) & set(daemon.worker_pids()), "the upgrade replaced the workers"
+
+
+# launchd.plist(5): every top-level key it defines, with the type each must have.
+LAUNCHD_KEYS: dict[str, type | tuple[type, ...]] = {
+    "Label": str,
+    "Disabled": bool,
+    "UserName": str,
+    "GroupName": str,
+    "inetdCompatibility": dict,
+    "LimitLoadToHosts": list,
+    "LimitLoadFromHosts": list,
+    "LimitLoadToSessionType": (str, list),
+    "LimitLoadToHardware": dict,
+    "LimitLoadFromHardware": dict,
+    "Program": str,
+    "ProgramArguments": list,
+    "EnableGlobbing": bool,
+    "EnableTransactions": bool,
+    "EnablePressuredExit": bool,
+    "OnDemand": bool,
+    "ServiceIPC": bool,
+    "KeepAlive": (bool, dict),
+    "RunAtLoad": bool,
+    "RootDirectory": str,
+    "WorkingDirectory": str,
+    "EnvironmentVariables": dict,
+    "Umask": (int, str),
+    "TimeOut": int,
+    "ExitTimeOut": int,
+    "ThrottleInterval": int,
+    "InitGroups": bool,
+    "WatchPaths": list,
+    "QueueDirectories": list,
+    "StartOnMount": bool,
+    "StartInterval": int,
+    "StartCalendarInterval": (dict, list),
+    "StandardInPath": str,
+    "StandardOutPath": str,
+    "StandardErrorPath": str,
+    "Debug": bool,
+    "WaitForDebugger": bool,
+    "SoftResourceLimits": dict,
+    "HardResourceLimits": dict,
+    "Nice": int,
+    "ProcessType": str,
+    "AbandonProcessGroup": bool,
+    "LowPriorityIO": bool,
+    "LowPriorityBackgroundIO": bool,
+    "MaterializeDatalessFiles": bool,
+    "LaunchOnlyOnce": bool,
+    "MachServices": dict,
+    "Sockets": dict,
+    "LaunchEvents": dict,
+    "SessionCreate": bool,
+    "LegacyTimers": bool,
+    "AssociatedBundleIdentifiers": (str, list),
+}
+# launchd.plist(5), Sockets: the keys of one socket's dictionary.
+SOCKET_KEYS: dict[str, type | tuple[type, ...]] = {
+    "SockType": str,
+    "SockPassive": bool,
+    "SockNodeName": str,
+    "SockServiceName": (str, int),
+    "SockFamily": str,
+    "SockProtocol": str,
+    "SockPathName": str,
+    "SecureSocketWithKey": str,
+    "SockPathOwner": int,
+    "SockPathGroup": int,
+    "SockPathMode": int,
+    "Bonjour": (bool, str, list),
+    "MulticastGroup": str,
+}
+# launchd.plist(5), KeepAlive as a dictionary.
+KEEPALIVE_KEYS = {
+    "SuccessfulExit",
+    "NetworkState",
+    "PathState",
+    "OtherJobEnabled",
+    "Crashed",
+    "AfterInitialDemand",
+}
+
+
+def _check_keys(
+    where: str, found: dict[str, object], allowed: dict[str, type | tuple[type, ...]]
+) -> list[str]:
+    problems = [
+        f"{where}: {key!r} is not a key launchd.plist(5) defines"
+        for key in found
+        if key not in allowed
+    ]
+    problems += [
+        f"{where}.{key}: {type(value).__name__}, launchd wants {allowed[key]}"
+        for key, value in found.items()
+        if key in allowed and not isinstance(value, allowed[key])
+    ]
+    return problems
+
+
+def test_shipped_plist_uses_only_keys_launchd_defines_with_their_types() -> None:
+    deploy = Path(__file__).resolve().parent.parent.parent / "deploy"
+    with (deploy / "com.handoffd.plist").open("rb") as f:
+        plist = plistlib.load(f)
+
+    problems = _check_keys("plist", plist, LAUNCHD_KEYS)
+    for name, entry in plist.get("Sockets", {}).items():
+        for each in entry if isinstance(entry, list) else [entry]:  # one dict, or an array of them
+            problems += _check_keys(f"Sockets.{name}", each, SOCKET_KEYS)
+            assert each.get("SockType", "stream") in ("stream", "dgram", "seqpacket")
+            assert each.get("SockFamily", "IPv4") in ("IPv4", "IPv6", "IPv4v6", "Unix")
+    if isinstance(plist.get("KeepAlive"), dict):
+        problems += [
+            f"KeepAlive: {k!r} is not defined"
+            for k in plist["KeepAlive"]
+            if k not in KEEPALIVE_KEYS
+        ]
+    assert not problems, problems
+    assert all(isinstance(arg, str) for arg in plist["ProgramArguments"])
+    # Workers inherit handoffd's stdout/stderr: they must go somewhere one can read.
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        assert plist[key].startswith("/usr/local/var/log/handoffd/"), plist[key]
+
+
+def test_plist_check_fails_on_a_key_launchd_does_not_define() -> None:
+    """The check above can fail: a typo'd key (launchd ignores it silently) is reported."""
+    assert _check_keys("plist", {"Label": "x", "StandardErrPath": "/tmp/e"}, LAUNCHD_KEYS) == [
+        "plist: 'StandardErrPath' is not a key launchd.plist(5) defines"
+    ]
+    assert _check_keys("Sockets.http", {"SockServiceName": 8080.5}, SOCKET_KEYS) == [
+        "Sockets.http.SockServiceName: float, launchd wants (<class 'str'>, <class 'int'>)"
+    ]

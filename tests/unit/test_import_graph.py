@@ -42,6 +42,7 @@ WORKER_WING = frozenset(
         "handoff._listen_fds",
         "handoff._match",
         "handoff._passing",
+        "handoff._platform",
         "handoff._sdnotify",
         "handoff._worker",
     }

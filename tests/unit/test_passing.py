@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 from typing import TYPE_CHECKING, Literal
 
 import pytest
@@ -241,10 +242,11 @@ def test_put_refuses_a_payload_that_is_not_json(pair, pipes) -> None:
     assert raw_messages(b) == [], "nothing may be sent when the payload is bad"
 
 
-def test_put_refuses_a_payload_larger_than_a_message(pair, pipes) -> None:
+def test_put_refuses_an_fd_name_longer_than_a_message(pair, pipes) -> None:
+    # A payload larger than a message travels in parts (below); one name cannot be split.
     a, b = pair
     with pytest.raises(ValueError, match="over MAX_MESSAGE_BYTES"):
-        put_blocking(a, pipes[:1], {"blob": "x" * MAX_MESSAGE_BYTES})
+        put_blocking(a, [("x" * MAX_MESSAGE_BYTES, pipes[0][1])])
     assert raw_messages(b) == []
 
 
@@ -393,3 +395,26 @@ def test_the_fast_chunk_check_takes_every_chunk_our_put_writes(pair, pipes) -> N
     assert len(messages) == 2
     assert _parse_canonical(messages[0][0]) is None, "the payload chunk takes the long way"
     assert _parse_canonical(messages[1][0]) == (1, False, [n for n, _ in named[253:]])
+
+
+@pytest.mark.parametrize("size", [200_000, 1_000_000])
+def test_a_payload_larger_than_one_message_travels_in_parts_with_the_fds(size: int) -> None:
+    """A self-upgrade's state with thousands of parked fds exceeds MAX_MESSAGE_BYTES."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    payload = {
+        "parked": [{"name": f'conn-{i}-é\\"', "fd": f"parked:{i}"} for i in range(size // 40)]
+    }
+    try:
+        sender = threading.Thread(target=put_blocking, args=(a, [("x", r)] * 300, payload))
+        sender.start()
+        received = get_blocking(b, timeout=30)
+        sender.join()
+        assert received.payload == payload
+        assert received.names == ["x"] * 300
+        received.close()
+    finally:
+        for s in (a, b):
+            s.close()
+        os.close(r)
+        os.close(w)

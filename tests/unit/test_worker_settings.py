@@ -13,7 +13,8 @@ from handoff._config import ProgramConfig, load_config
 from handoff._envfile import parse_env_file
 from handoff._errors import ConfigError
 from handoff._output import OUTPUT_LINE_MAX, LineSplitter
-from handoff._spawn import WorkerSettings, build_shim
+from handoff._processes import WorkerSettings
+from handoff._spawn import build_shim
 
 BASE = """
 [program]
