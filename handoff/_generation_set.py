@@ -30,8 +30,7 @@ from ._systemd import clean_worker_environ
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from ._config import LoadedConfig, ProgramConfig, SupervisorConfig
-    from ._custody import Orphans
+    from ._config import ProgramConfig, SupervisorConfig
     from ._generation import ParkedFds, WorkerCounters
     from ._handover import AdoptedGeneration
     from ._listeners import Listener
@@ -242,17 +241,6 @@ class GenerationSet:
         """A handover failed: ``gens`` are ours again (supervised, notify sockets read)."""
         for gen in gens:
             gen.thaw()
-
-    async def adopt_orphans(
-        self,
-        nursery: trio.Nursery,
-        orphans: Orphans,
-        loaded: LoadedConfig,
-        listeners: Mapping[str, Listener],
-    ) -> None:
-        """Supervise what a killed predecessor left serving (``_custody``), as it was."""
-        handed = orphans.claim_generations()
-        await self.adopt(nursery, handed, orphans.current, loaded.config.supervisor, listeners)
 
     def kill_all(self) -> None:
         """SIGKILL every worker of every generation (a second stop signal: stop *now*)."""

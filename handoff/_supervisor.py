@@ -211,8 +211,10 @@ class Supervisor(ControlHandler):
             if handover is not None:
                 await self._adopt(handover)
             else:
-                if orphans is not None:
-                    await self.gens.adopt_orphans(root, orphans, self.loaded, self.held.by_name)
+                if orphans is not None:  # what a killed predecessor left serving (_custody)
+                    handed, current = orphans.claim_generations(), orphans.current
+                    supervisor, listeners = self.loaded.config.supervisor, self.held.by_name
+                    await self.gens.adopt(root, handed, current, supervisor, listeners)
                 if self.current is None and not await self._start_first(root):
                     task_status.started(False)
                     return
