@@ -28,7 +28,7 @@ import trio
 from ._errors import HandoffError, SpawnError, UpgradeError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from ._config import LoadedConfig
     from ._generation import Generation
@@ -41,22 +41,27 @@ async def bring_up(
     gens: GenerationSet,
     nursery: trio.Nursery,
     loaded: LoadedConfig,
-    fdset: Sequence[tuple[str, Listener]],
+    listeners: Mapping[str, Listener],
     *,
     on_created: Callable[[Generation], None],
-    phase: Callable[[str, str | None], None],
+    phase: Callable[[str, str | None], None] | None,
     to_phase: Callable[[Phase], None],
     stopping: Callable[[], bool],
 ) -> Generation:
     """Start N+1 per ``program.strategy`` and return it once it has served through its hold.
 
-    ``phase`` reports progress to the callers, ``to_phase`` moves the supervisor's phase
+    The fd set is ``listeners`` in the config's order (fds 3..) under the config's names (a
+    reused socket may be renamed). ``phase`` reports progress to an upgrade's callers (None:
+    generation 1, which has nothing to hold against), ``to_phase`` moves the supervisor's phase
     machine. Every worker of a generation that will not serve has exited when this raises.
 
     Raises:
         HandoffError: N+1 cannot serve (N serves on, with all its workers).
     """
     program = loaded.config.program
+    fdset = [(lc.name, listeners[lc.name]) for lc in loaded.config.listener]
+    if phase is None:
+        return await gens.start(nursery, program, loaded.config.supervisor, fdset, on_created)
     rolling = program.strategy == "rolling" and program.max_surge < program.processes
     if rolling and gens.current is not None:
         return await _roll(gens, nursery, loaded, fdset, on_created, phase, to_phase, stopping)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, final
 
 import structlog
 import trio
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
     from ._custody import Orphans
     from ._handover import Handover
     from ._processes import Spawner
+    from ._runtime_dir import RuntimeDir
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -68,122 +70,178 @@ async def run_supervisor(
     Raises:
         HandoffError: startup failed (listeners, control socket, or generation 1 never ready).
     """
-    if spawner is None:
-        spawner = _platform_spawner(environ)
-    handover_fd = environ.get(HANDOVER_FD_ENV)
-    reexec_fd = environ.get(REEXEC_FD_ENV)
-    environ = {k: v for k, v in environ.items() if k not in (HANDOVER_FD_ENV, REEXEC_FD_ENV)}
-    raise_nofile_limit(environ)
-    sup = Supervisor(loaded, environ, spawner)
-    supervisor = loaded.config.supervisor
-    control_path = control_socket_path(supervisor, environ)
-    if handover_fd is None and reexec_fd is None:
-        refuse_if_running(control_path)
-    runtime = open_runtime_dir(sup.runtime_dir, control_path)
-    sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
-    sup.gens.notify_dir = sup.notify_dir
-    sup.gens.open_notify_dir = runtime.allow_workers
-    allowed = sup.allowed_uids
-    # Others than root and us can only connect if the socket file lets them (unix(7)); the
-    # SO_PEERCRED check then admits exactly the allowed uids.
-    control_mode = 0o666 if allowed - {0, os.getuid()} else 0o600
-    if control_mode != 0o600:
-        # The allowed users must be able to reach the socket: traverse, but not list or write.
-        runtime.allow_traverse()
-    signals_wanted = [signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGCHLD]
-    problem = become_subreaper()
-    if problem is not None:
-        log.warning(
-            "supervisor.not_subreaper",
-            reason=problem,
-            hint="descendants whose parent dies go to init: a generation's drain then waits "
-            "only for what its process groups still hold",
-        )
+    start = _Start.prepare(loaded, environ, spawner or _platform_spawner(environ))
+    with trio.open_signal_receiver(*_SIGNALS) as signals:
+        # Blocked by a predecessor image across its exec in place (pending ones arrive now).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+        try:
+            await start.open()
+            await start.serve(signals, task_status)
+        finally:
+            start.close()
+    log.info("supervisor.stopped", handed_over_to=start.sup.successor_pid)
+
+
+# What the supervisor handles; SIGCHLD reaps (handoffd is a child subreaper).
+_SIGNALS: Final = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGCHLD)
+
+
+@final
+@dataclass
+class _Start:
+    """One start of handoffd: fresh, after an exec in place, or as a new-pid successor.
+
+    Owns what it opens (listeners through the supervisor, control and metrics sockets, the
+    runtime dir, the custody record) and closes it in ``close`` whatever happened.
+    """
+
+    sup: Supervisor
+    runtime: RuntimeDir
+    custody: CustodyKeeper
+    control_path: Path
+    control_mode: int
+    environ: Mapping[str, str]
+    handover_fd: str | None
+    reexec_fd: str | None
     handover: Handover | None = None
     orphans: Orphans | None = None
     control: socket.socket | None = None
     metrics: socket.socket | None = None
-    sup.control_path = control_path
-    custody = CustodyKeeper(
-        runtime.root, sup.held, sup.gens, loaded.path, lambda: sup.successor_pid is not None
-    )
-    sup.gens.on_change = custody.update
-    with trio.open_signal_receiver(*signals_wanted) as signals:
-        # Blocked by a predecessor image across its exec in place (pending ones arrive now).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals_wanted)
-        try:
-            if reexec_fd is not None:
-                handover = _claim(sup, _from_exec(sup, reexec_fd))
-                control = handover.take_control()
-                if control is None:
-                    control = _bind_control(control_path, control_mode)
-                sup.last_upgrade = handover.last_upgrade
-                custody.claim()  # the same pid: the record stays ours
-                metrics = _open_metrics_after_exec(sup)
-            elif handover_fd is None:
-                # What a killed predecessor left serving is taken back, not bound again.
-                orphans = recover_orphans(
-                    runtime.root, sup.notify_dir, loaded, environ, control_path
-                )
-                taken = orphans.claim_listeners() if orphans is not None else {}
-                if orphans is not None:
-                    sup.gens.next_number = orphans.next_generation
-                sup.held.adopt(open_listeners(loaded, environ, sup.systemd, taken=taken))
-                metrics = _open_metrics(sup, None)
-                control = _bind_control(control_path, control_mode)
-                write_configured_pid_file(supervisor.pid_file)
-                custody.claim()
-            else:
-                handover = await _receive(sup, handover_fd)
-                metrics = await _open_metrics_or_refuse(sup, handover)
-                prior = sup.last_upgrade
-                control, control_path = await handover.take_over(
-                    control_path,
-                    control_mode,
-                    lambda: write_configured_pid_file(supervisor.pid_file),
-                    supervisor.self_upgrade_timeout,
-                )
-                sup.control_path = control_path
-                sup.last_upgrade = handover.last_upgrade
-                # In charge: the self-upgrade counts here (None: its reply never arrived).
-                committed = handover.last_upgrade if handover.last_upgrade is not prior else None
-                sup.metrics.on_upgrade_finished(committed, supervisor=True)
-            sup.control_inode = runtime.verify_control_socket(control_path)
-            sup.control_socket = control
-            async with trio.open_nursery() as root:
-                sup.metrics.control_connections = await root.start(
-                    serve_control, control, sup, allowed
-                )
-                if metrics is not None and handover is None:  # /healthz while gen 1 starts
+
+    @classmethod
+    def prepare(cls, loaded: LoadedConfig, environ: Mapping[str, str], spawner: Spawner) -> _Start:
+        handover_fd = environ.get(HANDOVER_FD_ENV)
+        reexec_fd = environ.get(REEXEC_FD_ENV)
+        environ = {k: v for k, v in environ.items() if k not in (HANDOVER_FD_ENV, REEXEC_FD_ENV)}
+        raise_nofile_limit(environ)
+        sup = Supervisor(loaded, environ, spawner)
+        control_path = control_socket_path(loaded.config.supervisor, environ)
+        if handover_fd is None and reexec_fd is None:
+            refuse_if_running(control_path)
+        runtime = open_runtime_dir(sup.runtime_dir, control_path)
+        sup.notify_dir, control_path = runtime.notify_dir, runtime.control_path
+        sup.gens.notify_dir = sup.notify_dir
+        sup.gens.open_notify_dir = runtime.allow_workers
+        # Others than root and us can only connect if the socket file lets them (unix(7)); the
+        # SO_PEERCRED check then admits exactly the allowed uids.
+        control_mode = 0o666 if sup.allowed_uids - {0, os.getuid()} else 0o600
+        if control_mode != 0o600:
+            # The allowed users must be able to reach the socket: traverse, not list or write.
+            runtime.allow_traverse()
+        problem = become_subreaper()
+        if problem is not None:
+            log.warning(
+                "supervisor.not_subreaper",
+                reason=problem,
+                hint="descendants whose parent dies go to init: a generation's drain then waits "
+                "only for what its process groups still hold",
+            )
+        sup.control_path = control_path
+        custody = CustodyKeeper(
+            runtime.root, sup.held, sup.gens, loaded.path, lambda: sup.successor_pid is not None
+        )
+        sup.gens.on_change = custody.update
+        return cls(
+            sup, runtime, custody, control_path, control_mode, environ, handover_fd, reexec_fd
+        )
+
+    async def open(self) -> None:
+        """Listeners, control socket, metrics listener: inherited, taken back or bound."""
+        sup = self.sup
+        if self.reexec_fd is not None:
+            self._open_after_exec(self.reexec_fd)
+        elif self.handover_fd is None:
+            self._open_fresh()
+        else:
+            await self._open_as_successor(self.handover_fd)
+        assert self.control is not None
+        sup.control_inode = self.runtime.verify_control_socket(self.control_path)
+        sup.control_socket = self.control
+
+    def _open_after_exec(self, reexec_fd: str) -> None:
+        sup = self.sup
+        self.handover = _claim(sup, _from_exec(sup, reexec_fd))
+        self.control = self.handover.take_control() or _bind_control(
+            self.control_path, self.control_mode
+        )
+        sup.last_upgrade = self.handover.last_upgrade
+        self.custody.claim()  # the same pid: the record stays ours
+        self.metrics = _open_metrics_after_exec(sup)
+
+    def _open_fresh(self) -> None:
+        sup, loaded = self.sup, self.sup.loaded
+        # What a killed predecessor left serving is taken back, not bound again.
+        self.orphans = recover_orphans(
+            self.runtime.root, sup.notify_dir, loaded, self.environ, self.control_path
+        )
+        taken = self.orphans.claim_listeners() if self.orphans is not None else {}
+        if self.orphans is not None:
+            sup.gens.next_number = self.orphans.next_generation
+        sup.held.adopt(open_listeners(loaded, self.environ, sup.systemd, taken=taken))
+        self.metrics = _open_metrics(sup, None)
+        self.control = _bind_control(self.control_path, self.control_mode)
+        write_configured_pid_file(loaded.config.supervisor.pid_file)
+        self.custody.claim()
+
+    async def _open_as_successor(self, handover_fd: str) -> None:
+        sup = self.sup
+        supervisor = sup.loaded.config.supervisor
+        handover = self.handover = await _receive(sup, handover_fd)
+        self.metrics = await _open_metrics_or_refuse(sup, handover)
+        prior = sup.last_upgrade
+        self.control, self.control_path = await handover.take_over(
+            self.control_path,
+            self.control_mode,
+            lambda: write_configured_pid_file(supervisor.pid_file),
+            supervisor.self_upgrade_timeout,
+        )
+        sup.control_path = self.control_path
+        sup.last_upgrade = handover.last_upgrade
+        # In charge: the self-upgrade counts here (None: its reply never arrived).
+        committed = handover.last_upgrade if handover.last_upgrade is not prior else None
+        sup.metrics.on_upgrade_finished(committed, supervisor=True)
+
+    async def serve(
+        self, signals: AsyncIterator[int], task_status: trio.TaskStatus[Supervisor]
+    ) -> None:
+        """The control server, signals, watchdog and the supervisor, until it has stopped."""
+        sup, handover, metrics = self.sup, self.handover, self.metrics
+        assert self.control is not None
+        async with trio.open_nursery() as root:
+            sup.metrics.control_connections = await root.start(
+                serve_control, self.control, sup, sup.allowed_uids
+            )
+            if metrics is not None and handover is None:  # /healthz while gen 1 starts
+                await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
+            root.start_soon(_handle_signals, sup, signals)
+            root.start_soon(sup.systemd.run_watchdog)
+            if await root.start(_run_until_stopped, sup, handover, self.orphans, root.cancel_scope):
+                if handover is not None:
+                    self.custody.claim()  # in charge now, the workers adopted
+                if metrics is not None and handover is not None:  # once it supervises
                     await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
-                root.start_soon(_handle_signals, sup, signals)
-                root.start_soon(sup.systemd.run_watchdog)
-                if await root.start(_run_until_stopped, sup, handover, orphans, root.cancel_scope):
-                    if handover is not None:
-                        custody.claim()  # in charge now, the workers adopted
-                    if metrics is not None and handover is not None:  # once it supervises
-                        await root.start(serve_metrics_http, metrics, sup.metrics.http_answer)
-                    release_after_startup()
-                    _log_ready(sup, handover)
-                    sup.systemd.ready(sup.status_text())
-                    task_status.started(sup)
-        finally:
-            if handover is not None:
-                handover.close()  # whatever was received and not claimed
-            if orphans is not None:
-                orphans.close()  # whatever was taken back and not adopted
-            custody.remove()
-            if control is not None:
-                control.close()
-            if metrics is not None:
-                metrics.close()
-            sup.held.close_all(unlink=sup.successor_pid is None)
-            sup.parked.close_all()
-            unlink_if_ours(sup.control_path, sup.control_inode)
-            runtime.close()
-            if sup.successor_pid is None:
-                remove_pid_file(supervisor.pid_file)
-    log.info("supervisor.stopped", handed_over_to=sup.successor_pid)
+                release_after_startup()
+                _log_ready(sup, handover)
+                sup.systemd.ready(sup.status_text())
+                task_status.started(sup)
+
+    def close(self) -> None:
+        """Close what this start opened; a successor in charge keeps the shared paths."""
+        sup = self.sup
+        if self.handover is not None:
+            self.handover.close()  # whatever was received and not claimed
+        if self.orphans is not None:
+            self.orphans.close()  # whatever was taken back and not adopted
+        self.custody.remove()
+        for sock in (self.control, self.metrics):
+            if sock is not None:
+                sock.close()
+        sup.held.close_all(unlink=sup.successor_pid is None)
+        sup.parked.close_all()
+        unlink_if_ours(sup.control_path or self.control_path, sup.control_inode)
+        self.runtime.close()
+        if sup.successor_pid is None:
+            remove_pid_file(sup.loaded.config.supervisor.pid_file)
 
 
 def _platform_spawner(environ: Mapping[str, str]) -> Spawner:

@@ -62,11 +62,12 @@ if TYPE_CHECKING:
     from ._control import StatusInfo, UpgradeEvent, UpgradeReply
     from ._custody import Orphans
     from ._generation import Generation
-    from ._handover import ExecPlan, Handover, HandoverOutcome, SupervisorView
+    from ._handover import ExecPlan, Handover, HandoverOutcome
     from ._held import ListenerPlan
     from ._listeners import Listener
     from ._processes import Spawner
     from ._readiness import ReadinessProbe
+    from ._self_upgrade import SelfUpgrade
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -118,6 +119,7 @@ class Supervisor(ControlHandler):
         self.control_socket: socket.socket | None = None
         # A pre-flight passed: re-execute in place once the callers have their replies.
         self.exec_plan: ExecPlan | None = None
+        self._self_upgrade: SelfUpgrade | None = None
         self._root: trio.Nursery | None = None
 
     # ---- queries ----
@@ -209,14 +211,10 @@ class Supervisor(ControlHandler):
             if handover is not None:
                 await self._adopt(handover)
             else:
-                if orphans is not None:
-                    await self.gens.adopt(
-                        root,
-                        orphans.claim_generations(),
-                        orphans.current,
-                        self.loaded.config.supervisor,
-                        self.held.by_name,
-                    )
+                if orphans is not None:  # what a killed predecessor left serving (_custody)
+                    handed, current = orphans.claim_generations(), orphans.current
+                    supervisor, listeners = self.loaded.config.supervisor, self.held.by_name
+                    await self.gens.adopt(root, handed, current, supervisor, listeners)
                 if self.current is None and not await self._start_first(root):
                     task_status.started(False)
                     return
@@ -348,36 +346,34 @@ class Supervisor(ControlHandler):
         return ticket.ok(gen.number, old.number if old else None)
 
     async def _upgrade_supervisor(self, ticket: UpgradeTicket) -> UpgradeReply:
-        """One self-upgrade (``_handover``, imported on use: ~1.5 MB); never raises for its failure."""
-        from ._handover import hand_over
+        """One self-upgrade (``_self_upgrade``, imported on use); never raises for its failure."""
+        from ._self_upgrade import SelfUpgrade
 
-        gens = self.generations()
-        in_place = self.self_upgrade_in_place()
+        upgrade = self._self_upgrade = SelfUpgrade(
+            self.loaded,
+            self.environ,
+            self.systemd,
+            self.held,
+            self.parked,
+            self.gens,
+            self.metrics,
+            self.control_path,
+        )
         self.machine.to("self-upgrading")
+        request = ticket.request
         log.info(
             "upgrade.started",
             supervisor=True,
-            exec_path=ticket.request.exec_path,
-            in_place=in_place,
+            exec_path=request.exec_path,
+            in_place=upgrade.in_place,
         )
         outcome: HandoverOutcome | None = None
         try:
-            outcome = await hand_over(
-                ticket,
-                gens,
-                self._view,
-                config_path=self.loaded.path,
-                environ=self.environ,
-                systemd=self.systemd,
-                self_upgrade_timeout=self.loaded.config.supervisor.self_upgrade_timeout,
-                generation=self.gens.number(),
-                in_place=in_place,
-                spawner=self.gens.spawner,
-            )
+            outcome = await upgrade.run(ticket, self.last_upgrade)
         finally:
-            if outcome is None or outcome.successor_pid is None:
-                self._take_back(gens, () if outcome is None else outcome.spawned)
-        assert outcome is not None
+            if outcome is None or outcome.successor_pid is None:  # we serve on (or exec later)
+                self.machine.to("running")
+                self.systemd.ready(self.status_text())
         if outcome.exec_plan is not None and outcome.reply is not None:
             self.exec_plan = outcome.exec_plan
             reply = outcome.reply
@@ -393,59 +389,16 @@ class Supervisor(ControlHandler):
         log_finished(reply, supervisor=True, supervisor_pid=reply.supervisor_pid)
         return reply
 
-    def self_upgrade_in_place(self) -> bool:
-        """Whether ``upgrade --self`` keeps our pid (see ``supervisor.self_upgrade``).
-
-        Only systemd follows a new main pid (MAINPID=, which needs NOTIFY_SOCKET); anything
-        else that started us (a shell's ``wait``, tini, runit, s6, supervisord) would see its
-        child exit and think the service died.
-        """
-        mode = self.loaded.config.supervisor.self_upgrade
-        if mode == "auto":
-            return not self.environ.get("NOTIFY_SOCKET")
-        return mode == "in-place"
-
     def _exec(self, resend: Sequence[signal.Signals]) -> None:
         """Re-execute in place (returns only if the exec failed: then we carry on, and say so)."""
-        from ._handover import exec_in_place
-
+        assert self._self_upgrade is not None
         assert self.exec_plan is not None
         assert self.control_socket is not None
-        try:
-            exec_in_place(self._view(), self.control_socket, self.exec_plan, resend)
-        except HandoffError as exc:
-            log.error("upgrade.exec_failed", reason=str(exc))
-            self.last_upgrade = self.last_upgrade and self.last_upgrade.model_copy(
-                update={"ok": False, "outcome": "failed", "reason": str(exc)}
-            )
-
-    def _view(self) -> SupervisorView:
-        from ._handover import SupervisorView
-
-        return SupervisorView(
-            config_path=self.loaded.path,
-            listeners=tuple(self.held.values()),
-            parked=self.parked.items(),
-            generations=tuple(self.generations()),
-            current=self.current.number if self.current else None,
-            next_generation=self.gens.next_number,
-            retired_listeners=frozenset(self.held.retired),
-            last_upgrade=self.last_upgrade,
-            watchdog_interval=self.systemd.watchdog_interval,
-            notify_socket=self.environ.get("NOTIFY_SOCKET") or None,
-            metrics=self.metrics.dump(),
-        )
-
-    def _take_back(self, gens: Sequence[Generation], spawned: Sequence[int]) -> None:
-        """After a failed handover: undo what the successor did, thaw, and serve on."""
-        from ._handover import undo_handover
-
-        undo_handover(
-            self.control_path, spawned, self.systemd, self.loaded.config.supervisor.pid_file
-        )
-        self.gens.thaw(gens)
-        self.machine.to("running")
-        self.systemd.ready(self.status_text())
+        plan, control = self.exec_plan, self.control_socket
+        failure = self._self_upgrade.exec(control, plan, resend, self.last_upgrade)
+        if failure is not None and self.last_upgrade is not None:
+            update = {"ok": False, "outcome": "failed", "reason": failure}
+            self.last_upgrade = self.last_upgrade.model_copy(update=update)
 
     # ---- generations ----
 
@@ -458,23 +411,16 @@ class Supervisor(ControlHandler):
         """Bring up the next generation (``_rolling``): ready, and through its hold if it is
         an upgrade's; raises ``HandoffError`` with the reason if it cannot serve."""
         assert self._root is not None
-        config = loaded.config
-        program = config.program
+        program = loaded.config.program
         self.systemd.extend_timeout(program.ready_timeout + program.hold + SYSTEMD_SLACK_S)
-        # In the config's order (fds 3..), under the config's names: a reused socket may be renamed.
-        fdset = [(lc.name, listeners[lc.name]) for lc in config.listener]
-        if ticket is None:  # generation 1: nothing to hold against
-            return await self.gens.start(
-                self._root, program, config.supervisor, fdset, self._created
-            )
         return await bring_up(
             self.gens,
             self._root,
             loaded,
-            fdset,
+            listeners,
             on_created=self._created,
-            phase=ticket.phase,
-            to_phase=lambda phase: self.machine.to(phase),
+            phase=None if ticket is None else ticket.phase,
+            to_phase=self.machine.to,
             stopping=self.stop_requested.is_set,
         )
 
