@@ -49,7 +49,6 @@ Design notes:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import socket
@@ -72,6 +71,7 @@ from ._listen_fds import parse_listen_fds
 from ._listeners import Listener, socket_matches
 from ._notify import NotifyReceiver
 from ._phases import WorkerState  # noqa: TC001  pydantic resolves it at run time
+from ._pidfd import pidfd_getfd as pidfd_getfd
 from ._pidfile import write_file_at
 from ._spawn import DEFAULT_SPAWNER
 
@@ -100,8 +100,6 @@ RECORD_MODE: Final = 0o600
 _RECORD_MAX_BYTES: Final = 4 << 20
 # socket(7) SO_COOKIE (asm-generic/socket.h, Linux 4.12); Python 3.11 has no constant for it.
 SO_COOKIE: Final = 57
-# pidfd_getfd(2) (Linux 5.6): 438 in the unified syscall table (x86_64, aarch64, ...).
-_SYS_PIDFD_GETFD: Final = 438
 _FIX: Final = (
     "stop them (kill -TERM {pids}: they drain) and start handoffd again, or run handoffd as "
     "root or with CAP_SYS_PTRACE to take them over without a refused connection"
@@ -178,28 +176,6 @@ def socket_address(sock: socket.socket) -> str:
     elif isinstance(name, bytes):
         name = name.decode("latin-1")
     return f"{sock.family.name}/{sock.type.name}/{name!r}"
-
-
-_libc: ctypes.CDLL | None = None
-
-
-def pidfd_getfd(pidfd: int, target: int) -> int:
-    """pidfd_getfd(2): a copy (O_CLOEXEC) of fd ``target`` of the process behind ``pidfd``.
-
-    Raises:
-        PermissionError: no ptrace access to that process (see the module notes).
-        OSError: EBADF (no such fd there), ESRCH (it exited), ENOSYS (before Linux 5.6).
-    """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = _libc.syscall(
-        ctypes.c_long(_SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(target), ctypes.c_uint(0)
-    )
-    if fd < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
-    return int(fd)
 
 
 # ---- the record ----

@@ -99,12 +99,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Literal, Protocol, TypeVar, final
 
+from ._pidfd import pidfd_getfd
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
 _T = TypeVar("_T")
 SocketKind = Literal["stream", "datagram"]
-WaitKind = Literal["epoll", "accept", "poll", "select", "recv"]
+WaitKind = Literal["epoll", "accept", "poll", "select", "recv", "serving"]
 Verdict = Literal["accepting", "not-accepting", "unobservable"]
 
 # epoll_ctl(2) and poll(2): the input bits. asm-generic/poll.h; x86 and arm64 use these values.
@@ -136,6 +138,9 @@ class ListenerKey:
     inode: int
     dev: int
     kind: SocketKind
+    #: A TCP listener's port: a connection with this local port in a process that holds the
+    #: listener is one it accepted (``_accepted_connections``). None for other listeners.
+    port: int | None = None
 
 
 def listener_key(name: str, sock: socket.socket) -> ListenerKey:
@@ -147,7 +152,10 @@ def listener_key(name: str, sock: socket.socket) -> ListenerKey:
     """
     st = os.fstat(sock.fileno())
     kind: SocketKind = "stream" if sock.type == socket.SOCK_STREAM else "datagram"
-    return ListenerKey(name=name, inode=st.st_ino, dev=st.st_dev, kind=kind)
+    port: int | None = None
+    if kind == "stream" and sock.family in (socket.AF_INET, socket.AF_INET6):
+        port = int(sock.getsockname()[1])
+    return ListenerKey(name=name, inode=st.st_ino, dev=st.st_dev, kind=kind, port=port)
 
 
 def listener_keys(socks: Mapping[str, socket.socket]) -> dict[int, ListenerKey]:
@@ -523,6 +531,7 @@ def _observe_process(
             pid, parent, exe, uncertain=f"cannot read /proc/{pid}/fd: {_PTRACE_HINT}"
         )
     scan = _Scan(pid, listener_fds={})
+    sockets: list[int] = []  # fds of sockets that are not listeners (maybe accepted ones)
     epolls: list[int] = []
     io_uring: str | None = None
     for name in fd_names:
@@ -538,6 +547,8 @@ def _observe_process(
             inode = int(match.group(1))
             if inode in keys:
                 scan.listener_fds[int(name)] = inode
+            else:
+                sockets.append(int(name))
         elif target == "anon_inode:[eventpoll]":
             epolls.append(int(name))
         elif target == "anon_inode:[io_uring]":
@@ -555,6 +566,9 @@ def _observe_process(
             scan.doubt(f"the syscall numbers of architecture {machine!r} are not known")
         else:
             _scan_syscalls(scan, keys, proc, table)
+        if not scan.waits and sockets and isinstance(proc, LinuxProc):
+            for inode in _accepted_connections(pid, sockets, keys, holds):
+                scan.add(inode, "serving")
     return ProcessObservation(
         pid=pid,
         parent=parent,
@@ -563,6 +577,53 @@ def _observe_process(
         waits={inode: frozenset(how) for inode, how in scan.waits.items()},
         uncertain=scan.uncertain,
     )
+
+
+def _accepted_connections(
+    pid: int, fds: Sequence[int], keys: Mapping[int, ListenerKey], holds: frozenset[int]
+) -> set[int]:
+    """The held TCP listeners ``pid`` has accepted a connection from, and still holds it.
+
+    A sync worker under load goes from one accepted connection to the next without blocking in
+    accept or select (the queue it shares with the old generation is never empty): no syscall
+    shows it waiting, yet it serves. A connection whose local port is a listener's, held by a
+    process that also holds that listener, is that evidence. Seen through a copy of the fd
+    (pidfd_getfd(2): the same ptrace access ``/proc/PID/mem`` already needs), closed at once:
+    reading ``/proc/net/tcp`` instead races with connections that live a millisecond.
+    """
+    ports = {key.port: inode for inode, key in keys.items() if key.port and inode in holds}
+    pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
+    if not ports or pidfd_open is None:
+        return set()
+    found: set[int] = set()
+    try:
+        pidfd = pidfd_open(pid)
+    except OSError:
+        return found
+    try:
+        for fd in fds[:_ACCEPTED_FDS_MAX]:
+            try:
+                copy = pidfd_getfd(pidfd, fd)
+            except OSError:
+                continue  # closed meanwhile, or no ptrace access: nothing is claimed
+            try:
+                with socket.socket(fileno=copy) as sock:
+                    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == (
+                        socket.SOCK_STREAM
+                    ):
+                        inode = ports.get(sock.getsockname()[1])
+                        if inode is not None:
+                            sock.getpeername()  # connected: OSError (ENOTCONN) otherwise
+                            found.add(inode)
+            except OSError:
+                continue
+    finally:
+        os.close(pidfd)
+    return found
+
+
+# How many non-listener sockets of one process are looked at (a busy worker has a few).
+_ACCEPTED_FDS_MAX: Final = 64
 
 
 def _attempt(scan: _Scan, read: Callable[[str], _T], path: str) -> _T | None:

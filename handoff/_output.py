@@ -84,7 +84,7 @@ def open_output_pipes() -> tuple[OutputPipe, OutputPipe]:
     pipes: list[OutputPipe] = []
     try:
         for stream in _STREAMS:
-            r, w = os.pipe2(os.O_CLOEXEC)
+            r, w = os.pipe()  # non-inheritable (PEP 446): pipe2(O_CLOEXEC) where it exists
             pipes.append(OutputPipe(stream, r, w))
     except BaseException:
         for pipe in pipes:

@@ -277,3 +277,17 @@ def test_observer_without_ptrace_access_reports_unobservable(children: Children)
         f"unobservable readiness cannot be observed: cannot read /proc/{proc.pid}/fd"
     )
     assert "ptrace" in out
+
+
+def test_a_busy_worker_holding_an_accepted_connection_counts_as_accepting(
+    children: Children,
+) -> None:
+    """A sync worker under load goes from one connection to the next, never blocking in accept
+    or select: holding the listener and a connection on its port shows it serves."""
+    busy = children.spawn("conn, _ = lsock.accept(); note(); r, w = os.pipe(); os.read(r, 1)")
+    with socket.create_connection(children.listener.getsockname(), timeout=10):
+        children.wait_noted()
+        wait_until(lambda: blocked(busy.pid))
+        readiness = children.check(busy.pid)
+        assert readiness.ready, readiness
+        assert readiness.waiting == {children.listener_inode: frozenset({busy.pid})}
