@@ -165,7 +165,11 @@ def self_upgrade_outcome(status: dict[str, Any]) -> str | None:
     """The outcome of the supervisor's last upgrade if it was a self-upgrade, else None."""
     last = status.get("last_upgrade") or {}
     phases = {p["phase"] for p in last.get("phases", [])}
-    return last.get("outcome") if phases & {"snapshot", "in_charge", "frozen", "preflight_passed"} else None
+    return (
+        last.get("outcome")
+        if phases & {"snapshot", "in_charge", "frozen", "preflight_passed"}
+        else None
+    )
 
 
 @pytest.fixture
