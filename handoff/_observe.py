@@ -593,7 +593,9 @@ def _accepted_connections(
     """
     ports = {key.port: inode for inode, key in keys.items() if key.port and inode in holds}
     pidfd_open: Callable[[int], int] | None = getattr(os, "pidfd_open", None)
-    if not ports or pidfd_open is None:
+    # socket(fileno=) sets O_NONBLOCK when a default timeout is in force, and the copy shares
+    # its file description with the worker's connection: then look at nothing.
+    if not ports or pidfd_open is None or socket.getdefaulttimeout() is not None:
         return set()
     found: set[int] = set()
     try:
@@ -607,7 +609,12 @@ def _accepted_connections(
             except OSError:
                 continue  # closed meanwhile, or no ptrace access: nothing is claimed
             try:
-                with socket.socket(fileno=copy) as sock:
+                sock = socket.socket(fileno=copy)
+            except OSError:  # no longer a socket (the fd number was reused meanwhile)
+                os.close(copy)
+                continue
+            try:
+                with sock:
                     if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == (
                         socket.SOCK_STREAM
                     ):

@@ -199,6 +199,11 @@ def encode_messages(
         ) from exc
     names, packed, joined = _split_pairs(fds)
     parts: list[str] = []
+    if len(payload_json) > MAX_PAYLOAD_BYTES:
+        raise ValueError(
+            f"the handoff payload is {len(payload_json)} characters of JSON, over "
+            f"MAX_PAYLOAD_BYTES ({MAX_PAYLOAD_BYTES}); keep the payload small"
+        )
     if len(payload_json) > MAX_MESSAGE_BYTES // 2:
         parts = [
             payload_json[i : i + _PAYLOAD_PART_CHARS]
@@ -336,6 +341,9 @@ _CHUNK_FIELDS: Final = ("v", "op", "seq", "names", "more", "payload", "payload_p
 # The largest piece of a payload's JSON in one message: room is left for the envelope and for
 # the JSON escaping of the piece itself (at worst 6 bytes per character, \uXXXX).
 _PAYLOAD_PART_CHARS: Final = (MAX_MESSAGE_BYTES - 1024) // 6
+#: The largest payload a set may carry in parts (a self-upgrade's state is far below): a peer
+#: cannot make the receiver buffer without end.
+MAX_PAYLOAD_BYTES: Final = 16 * 1024 * 1024
 
 
 def _chunk_problems(obj: dict[str, object]) -> list[str]:
@@ -432,6 +440,7 @@ class Assembly:
         self.names: list[str] = []
         self.payload: dict[str, JsonValue] = {}
         self.payload_parts: list[str] = []
+        self.payload_size = 0
         self.seq = 0
         self.buffer = bytearray(MAX_MESSAGE_BYTES)
         self.view = memoryview(self.buffer)
@@ -488,6 +497,11 @@ class Assembly:
             if seq == 0 and chunk.payload is not None:
                 self.payload = chunk.payload
             if chunk.payload_part is not None:
+                self.payload_size += len(chunk.payload_part)
+                if self.payload_size > MAX_PAYLOAD_BYTES:
+                    raise self.fail(
+                        f"the payload sent in parts exceeds MAX_PAYLOAD_BYTES ({MAX_PAYLOAD_BYTES})"
+                    )
                 self.payload_parts.append(chunk.payload_part)
         if len(names) != count:
             raise self.fail(f"message {self.seq} names {len(names)} fd(s) but carries {count}")

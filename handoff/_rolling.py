@@ -138,9 +138,9 @@ async def _roll(
 
 
 async def _retire(old: Generation, count: int) -> int:
-    """Retire up to ``count`` live workers of ``old`` (highest slots first); how many."""
-    live = [s for s in reversed(old.slots) if not s.retired and s.process is not None]
-    chosen = live[: max(count, 0)]
+    """Retire up to ``count`` slots of ``old`` (highest first), stopping their workers; how many."""
+    # Slots in crash backoff (no process) count too: left alone they would restart mid-roll.
+    chosen = [s for s in reversed(old.slots) if not s.retired][: max(count, 0)]
     async with trio.open_nursery() as nursery:
         for slot in chosen:
             nursery.start_soon(old.retire, slot)

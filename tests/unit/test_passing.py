@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import json
 import os
@@ -418,3 +419,32 @@ def test_a_payload_larger_than_one_message_travels_in_parts_with_the_fds(size: i
             s.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_peer_cannot_make_the_receiver_buffer_payload_parts_without_end() -> None:
+    from handoff._passing import MAX_PAYLOAD_BYTES
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    part = "x" * 100_000
+    message = (
+        f'{{"v":{PROTOCOL_VERSION},"op":"put","seq":%d,"more":true,"names":[],'
+        f'"payload_part":"{part}"}}'
+    )
+    count = MAX_PAYLOAD_BYTES // len(part) + 2
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):
+            for seq in range(count):
+                a.sendall((message % seq).encode())
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    try:
+        with pytest.raises(ProtocolError, match="exceeds MAX_PAYLOAD_BYTES"):
+            get_blocking(b, timeout=30)
+    finally:
+        b.close()
+        sender.join()
+        a.close()
+    with pytest.raises(ValueError, match="over MAX_PAYLOAD_BYTES"):
+        put_blocking(a, [], {"blob": "x" * (MAX_PAYLOAD_BYTES + 1)})
