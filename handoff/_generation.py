@@ -67,7 +67,7 @@ from ._fdname import valid_fdname
 from ._listeners import restore_flags, revive_dead
 from ._notify import NotifyMessage, NotifyReceiver, close_fds
 from ._output import OUTPUT_FLUSH, OutputPipe, open_output_pipes, pump_output, take_read_ends
-from ._processes import REAP_TIMEOUT_S, WorkerSettings, kill_and_reap
+from ._processes import REAP_TIMEOUT_S, SpawnRequest, WorkerSettings, kill_and_reap
 from ._readiness import POLL_INTERVAL, STABLE_FOR, TreeCheck, probe_proc
 from ._spawn import DEFAULT_SPAWNER, describe_exit
 
@@ -992,6 +992,19 @@ def _spawn(
     env["HANDOFF_GENERATION"] = str(spec.number)
     env["HANDOFF_WORKER"] = str(slot.index)
     fdset = spec.listeners + parked.items()
+
+    def worker(fds: list[int], *, set_listen_pid: bool) -> SpawnRequest:
+        return SpawnRequest(
+            program.command,
+            env,
+            fds,
+            set_listen_pid,
+            cwd=program.working_dir,
+            settings=settings,
+            stdout=out.get("stdout"),
+            stderr=out.get("stderr"),
+        )
+
     # The listeners' status flags (O_NONBLOCK) live on the open file description every
     # generation shares: restoring them under a running worker that set O_NONBLOCK would turn
     # its next accept() into a blocking one and stall it. Only with no worker alive are they
@@ -1004,16 +1017,7 @@ def _spawn(
         env["LISTEN_FDNAMES"] = ":".join(name for name, _ in fdset)
         env["HANDOFF_LISTENERS"] = str(len(spec.listeners))
         env.update(spec.compat_environ)
-        proc = spec.spawner.spawn(
-            program.command,
-            environ=env,
-            fds=[fd for _, fd in fdset],
-            set_listen_pid=True,
-            cwd=program.working_dir,
-            settings=settings,
-            stdout=out.get("stdout"),
-            stderr=out.get("stderr"),
-        )
+        proc = spec.spawner.spawn(worker([fd for _, fd in fdset], set_listen_pid=True))
         return proc, None
     try:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -1021,16 +1025,7 @@ def _spawn(
         raise SpawnError(f"cannot create the handoff channel: {exc.strerror}") from exc
     try:
         env["HANDOFF_FD"] = "3"
-        proc = spec.spawner.spawn(
-            program.command,
-            environ=env,
-            fds=[theirs.fileno()],
-            set_listen_pid=False,
-            cwd=program.working_dir,
-            settings=settings,
-            stdout=out.get("stdout"),
-            stderr=out.get("stderr"),
-        )
+        proc = spec.spawner.spawn(worker([theirs.fileno()], set_listen_pid=False))
     except BaseException:
         ours.close()
         raise

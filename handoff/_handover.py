@@ -134,7 +134,7 @@ from ._peercred import peer_pid
 from ._phases import WorkerState  # noqa: TC001  pydantic resolves it at run time
 from ._pidfile import restore_pid_file
 from ._platform import SOCK_CLOEXEC
-from ._processes import kill_and_reap
+from ._processes import SpawnRequest, kill_and_reap
 from ._sdnotify import notify
 from ._spawn import DEFAULT_SPAWNER, adopt_child, describe_exit
 from ._systemd import SystemdNotifier
@@ -567,9 +567,8 @@ async def offer(
     env = {k: v for k, v in environ.items() if k not in _NOT_FOR_SUCCESSOR}
     env[HANDOVER_FD_ENV] = "3"
     try:
-        process = spawner.spawn(
-            argv, environ=env, fds=[theirs.fileno()], set_listen_pid=False, own_process_group=False
-        )
+        request = SpawnRequest(argv, env, [theirs.fileno()], False, own_process_group=False)
+        process = spawner.spawn(request)
     except SpawnError as exc:
         ours.close()
         raise UpgradeError(f"cannot start the new handoffd {argv[0]!r}: {exc}") from exc

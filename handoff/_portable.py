@@ -49,7 +49,6 @@ import trio
 
 from . import _platform
 from ._errors import ProtocolError
-from ._processes import NO_SETTINGS
 from ._spawn import (
     DEFAULT_SPAWNER,
     attribute,
@@ -63,11 +62,10 @@ from ._spawn import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
-    from pathlib import Path
+    from collections.abc import Mapping
 
     from ._notify_access import Attribution, NotifySender
-    from ._processes import Spawner, WorkerSettings
+    from ._processes import Spawner, SpawnRequest
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger()
 
@@ -181,30 +179,8 @@ class PortableSpawner:
         #: Why a self-upgrade cannot hand our workers over here (None: it can).
         self.handover_refusal: str | None = _platform.self_upgrade_refusal(watcher)
 
-    def spawn(
-        self,
-        command: Sequence[str],
-        *,
-        environ: Mapping[str, str],
-        fds: Sequence[int],
-        set_listen_pid: bool,
-        cwd: Path | None = None,
-        own_process_group: bool = True,
-        settings: WorkerSettings = NO_SETTINGS,
-        stdout: int | None = None,
-        stderr: int | None = None,
-    ) -> PortableProcess:
-        pid = start_process(
-            command,
-            environ=environ,
-            fds=fds,
-            set_listen_pid=set_listen_pid,
-            cwd=cwd,
-            own_process_group=own_process_group,
-            settings=settings,
-            stdout=stdout,
-            stderr=stderr,
-        )
+    def spawn(self, request: SpawnRequest) -> PortableProcess:
+        pid = start_process(request)
         process = PortableProcess(pid=pid, is_child=True)
         if self.watcher == "waitid":
             self.reaper.register(process)

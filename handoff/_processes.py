@@ -66,6 +66,29 @@ class WorkerSettings:
 NO_SETTINGS: Final = WorkerSettings()
 
 
+@final
+@dataclass(frozen=True)
+class SpawnRequest:
+    """One process to start: ``command`` with ``fds`` at 3, 4, ... (``_spawn.start_process``).
+
+    The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
+    the process also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
+    it in our process group (a successor supervisor, which must get the terminal's Ctrl-C as we
+    do). ``settings``: user, umask and limits; ``stdout``/``stderr``: fds to give it as 1 and 2
+    (default: ours).
+    """
+
+    command: Sequence[str]
+    environ: Mapping[str, str]
+    fds: Sequence[int]
+    set_listen_pid: bool
+    cwd: Path | None = None
+    own_process_group: bool = True
+    settings: WorkerSettings = NO_SETTINGS
+    stdout: int | None = None
+    stderr: int | None = None
+
+
 class ProcessHandle(Protocol):
     """A process we supervise: ours (a child) or adopted from a previous supervisor."""
 
@@ -124,20 +147,8 @@ class Spawner(Protocol):
     #: user-facing refusal, with the fix), or None when it can.
     handover_refusal: str | None
 
-    def spawn(
-        self,
-        command: Sequence[str],
-        *,
-        environ: Mapping[str, str],
-        fds: Sequence[int],
-        set_listen_pid: bool,
-        cwd: Path | None = None,
-        own_process_group: bool = True,
-        settings: WorkerSettings = NO_SETTINGS,
-        stdout: int | None = None,
-        stderr: int | None = None,
-    ) -> ProcessHandle:
-        """Start ``command`` with ``fds`` at 3, 4, ...; raises ``SpawnError`` on failure."""
+    def spawn(self, request: SpawnRequest) -> ProcessHandle:
+        """Start ``request``'s process; raises ``SpawnError`` on failure."""
         ...
 
     def adopt(self, pid: int, pidfd: int | None = None) -> ProcessHandle:

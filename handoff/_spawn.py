@@ -72,14 +72,13 @@ from ._notify_access import (
     attribute_sender,
     pidfd_inode,
 )
-from ._processes import NO_SETTINGS, WorkerSettings
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
     from pathlib import Path
 
     from ._notify_access import Attribution, NotifySender
-    from ._processes import ProcessHandle
+    from ._processes import ProcessHandle, SpawnRequest, WorkerSettings
 
 log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -522,34 +521,20 @@ def resolve_command(command: Sequence[str], environ: Mapping[str, str], cwd: Pat
     return found
 
 
-def start_process(
-    command: Sequence[str],
-    *,
-    environ: Mapping[str, str],
-    fds: Sequence[int],
-    set_listen_pid: bool,
-    cwd: Path | None = None,
-    own_process_group: bool = True,
-    settings: WorkerSettings = NO_SETTINGS,
-    stdout: int | None = None,
-    stderr: int | None = None,
-) -> int:
-    """Start ``command`` with ``fds`` at 3, 4, ... and return its pid; the caller watches it.
-
-    The caller sets ``LISTEN_FDS``/``LISTEN_FDNAMES`` in ``environ``; with ``set_listen_pid``
-    the worker also gets ``LISTEN_PID`` equal to its own pid. ``own_process_group=False`` keeps
-    the child in our process group (a successor supervisor, which must get the terminal's
-    Ctrl-C as we do). Shared by every process watcher (pidfds here, ``_portable`` elsewhere).
-    ``settings``: user, umask and limits (see the module notes); ``stdout``/``stderr``: fds to
-    give it as 1 and 2 (default: ours).
+def start_process(request: SpawnRequest) -> int:
+    """Start ``request``'s process (see ``SpawnRequest``) and return its pid; the caller watches
+    it. Shared by every process watcher (pidfds here, ``_portable`` elsewhere); ``settings``
+    are applied by the shim (see the module notes).
 
     Raises:
         SpawnError: the command cannot be found or started, or a setting cannot be applied
             (naming it).
     """
+    command, fds, cwd, settings = request.command, request.fds, request.cwd, request.settings
+    set_listen_pid, own_process_group = request.set_listen_pid, request.own_process_group
     check_settings(settings, cwd)
-    resolve_command(command, environ, cwd)
-    environ = dict(environ)
+    resolve_command(command, request.environ, cwd)
+    environ = dict(request.environ)
     if settings.nofile is not None:
         environ.pop(NOFILE_ENV, None)
     first_free = 3 + len(fds)
@@ -560,7 +545,7 @@ def start_process(
         actions: list[tuple[int | str, ...]] = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
         ]
-        for target, out_fd in ((1, stdout), (2, stderr)):
+        for target, out_fd in ((1, request.stdout), (2, request.stderr)):
             if out_fd is not None:
                 staged.append(fcntl.fcntl(out_fd, fcntl.F_DUPFD_CLOEXEC, first_free))
                 actions.append((os.POSIX_SPAWN_DUP2, staged[-1], target))
@@ -624,31 +609,8 @@ class PidfdSpawner:
     #: pidfds travel to a successor: a self-upgrade can always hand the workers over.
     handover_refusal: str | None = None
 
-    def spawn(
-        self,
-        command: Sequence[str],
-        *,
-        environ: Mapping[str, str],
-        fds: Sequence[int],
-        set_listen_pid: bool,
-        cwd: Path | None = None,
-        own_process_group: bool = True,
-        settings: WorkerSettings = NO_SETTINGS,
-        stdout: int | None = None,
-        stderr: int | None = None,
-    ) -> WorkerProcess:
-        pid = start_process(
-            command,
-            environ=environ,
-            fds=fds,
-            set_listen_pid=set_listen_pid,
-            cwd=cwd,
-            own_process_group=own_process_group,
-            settings=settings,
-            stdout=stdout,
-            stderr=stderr,
-        )
-        return watch_child(pid, command[0])
+    def spawn(self, request: SpawnRequest) -> WorkerProcess:
+        return watch_child(start_process(request), request.command[0])
 
     def adopt(self, pid: int, pidfd: int | None = None) -> WorkerProcess:
         return adopt_process(pid, pidfd)

@@ -21,13 +21,12 @@ import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
 from handoff._errors import SpawnError
 from handoff._notify_access import Attribution, NotifySender
-from handoff._processes import NO_SETTINGS, WorkerSettings
+from handoff._processes import SpawnRequest
 from handoff._readiness import TreeCheck
 
 _pids = itertools.count(900_001)
@@ -139,22 +138,12 @@ class FakeSpawner:
         field(default_factory=lambda: trio.open_memory_channel[FakeProcess](10_000))
     )
 
-    def spawn(
-        self,
-        command: Sequence[str],
-        *,
-        environ: Mapping[str, str],
-        fds: Sequence[int],
-        set_listen_pid: bool,
-        cwd: Path | None = None,
-        own_process_group: bool = True,
-        settings: WorkerSettings = NO_SETTINGS,
-        stdout: int | None = None,
-        stderr: int | None = None,
-    ) -> FakeProcess:
+    def spawn(self, request: SpawnRequest) -> FakeProcess:
         if self.fail_with is not None:
             raise SpawnError(self.fail_with)
-        proc = FakeProcess(command=list(command), environ=dict(environ), fds=list(fds))
+        proc = FakeProcess(
+            command=list(request.command), environ=dict(request.environ), fds=list(request.fds)
+        )
         self.processes.append(proc)
         self._spawns[0].send_nowait(proc)
         self.behaviour(proc)

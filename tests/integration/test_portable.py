@@ -22,6 +22,7 @@ from handoff import _platform
 from handoff._errors import ProtocolError
 from handoff._peercred import peer_pid, peer_uid
 from handoff._portable import PortableSpawner, reap_children, select_spawner
+from handoff._processes import SpawnRequest
 from handoff._spawn import DEFAULT_SPAWNER, reap_orphans, start_process, unreaped_children
 from tests.daemon import REPO, Daemon, pid_alive, wait_until, write_config
 
@@ -148,9 +149,9 @@ async def test_waitid_watcher_reports_exit_codes_and_signals(nursery: trio.Nurse
     spawner = PortableSpawner("waitid")
     await nursery.start(spawner.reaper.run)
     command, env = _sh("exit 3")
-    exits = spawner.spawn(command, environ=env, fds=[], set_listen_pid=False)
+    exits = spawner.spawn(SpawnRequest(command, env, [], False))
     command, env = _sh("exec sleep 30")
-    sleeper = spawner.spawn(command, environ=env, fds=[], set_listen_pid=False)
+    sleeper = spawner.spawn(SpawnRequest(command, env, [], False))
     with trio.fail_after(10):
         assert await exits.wait() == 3
         assert spawner.reaper.unreaped() == {sleeper.pid}
@@ -169,7 +170,7 @@ async def test_waitid_group_sigkill_reaches_the_workers_children(nursery: trio.N
     read_end, write_end = os.pipe()
     command, env = _sh("sleep 30 3>&- & echo $! >&3; exec 3>&-; wait")
     try:
-        worker = spawner.spawn(command, environ=env, fds=[write_end], set_listen_pid=False)
+        worker = spawner.spawn(SpawnRequest(command, env, [write_end], False))
     finally:
         os.close(write_end)
     async with trio.lowlevel.FdStream(read_end) as pipe:
@@ -189,11 +190,11 @@ async def test_waitid_reaper_never_steals_a_status_another_watcher_owns(
     spawner = PortableSpawner("waitid")
     await nursery.start(spawner.reaper.run)
     command, env = _sh("exit 5")
-    pidfd_child = DEFAULT_SPAWNER.spawn(command, environ=env, fds=[], set_listen_pid=False)
+    pidfd_child = DEFAULT_SPAWNER.spawn(SpawnRequest(command, env, [], False))
     command, env = _sh("exit 6")
-    loose = start_process(command, environ=env, fds=[], set_listen_pid=False)
+    loose = start_process(SpawnRequest(command, env, [], False))
     command, env = _sh("exit 7")
-    ours = spawner.spawn(command, environ=env, fds=[], set_listen_pid=False)
+    ours = spawner.spawn(SpawnRequest(command, env, [], False))
     with trio.fail_after(10):
         assert await ours.wait() == 7
         assert await pidfd_child.wait() == 5
@@ -211,7 +212,7 @@ async def test_waitid_reaper_never_steals_a_status_another_watcher_owns(
 def test_waitid_children_are_tracked_so_the_orphan_reaper_leaves_them_alone() -> None:
     spawner = PortableSpawner("waitid")
     command, env = _sh("exit 4")
-    worker = spawner.spawn(command, environ=env, fds=[], set_listen_pid=False)
+    worker = spawner.spawn(SpawnRequest(command, env, [], False))
     assert worker.pid in unreaped_children()
     wait_until(lambda: not pid_alive(worker.pid), 10, "the worker to exit")
     assert worker.pid not in [pid for pid, _ in reap_orphans()]
