@@ -12,12 +12,19 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from bench.strict_client import LoadClient, request_once
+from bench.strict_client import LoadClient, RequestFailed, request_once
 from tests.daemon import Daemon, pid_alive, wait_until, worker_command, write_config
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+
+def _answers(daemon: Daemon) -> bool:
+    try:
+        return request_once(daemon.address()).status == 200
+    except RequestFailed:
+        return False
 
 
 def _seconds_between(earlier: str, later: str) -> float:
@@ -356,6 +363,9 @@ def test_a_worker_that_shuts_the_shared_listener_down_does_not_kill_the_port(
         draining = daemon.wait_event(
             "generation.draining", where=lambda e: e.get("generation") == 2
         )
+        # The guard's last look comes when generation 2 has stopped, which also logs "drained":
+        # the two are not ordered, so wait until the port answers again (the fault's end).
+        wait_until(lambda: _answers(daemon), 10, "the listener to be revived")
         # each draining worker may shut it down again; the last revival ends the fault
         revived = [e for e in daemon.events if e["event"] == "listener.revived"][-1]
         seen = client.snapshot()
