@@ -64,11 +64,12 @@ SERVERS: dict[str, Callable[[], list[str]]] = {
 }
 
 
-# Requests a server loses on its own graceful shutdown, measured without handoffd: hypercorn
-# under a minimal stand-in supervisor (python bench/standin.py hypercorn 5: one socket, gen 1,
-# gen 2, SIGTERM gen 1, the same load) lost 1 request (closed_before_response or reset) in 4
-# of 5 drains. Not ours to hide, not ours to fix; every other server here must lose none.
-SERVER_OWN_LOSS: dict[str, int] = {"hypercorn": 2}
+# Requests a server loses on its own graceful shutdown, measured without handoffd under a
+# minimal stand-in supervisor (bench/standin.py: one socket, gen 1, gen 2, SIGTERM gen 1, the
+# same load): hypercorn lost 1 request (closed_before_response or reset) in 4 of 5 drains,
+# uvicorn 1 (reset: it closes connections accepted but not yet read) in 1 of 5. Not ours to
+# hide, not ours to fix; every other server here must lose none.
+SERVER_OWN_LOSS: dict[str, int] = {"hypercorn": 2, "uvicorn": 2}
 
 
 def server_param(name: str, *marks: pytest.MarkDecorator) -> Any:
